@@ -1,0 +1,141 @@
+"""A deterministic synthetic organisation's usage records.
+
+Built on integer nanoseconds and lookup tables rather than pendulum or
+`random.choices`, so a million records take a few seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+from typing import Any
+
+from .rfc3339 import format_rfc3339, to_ns
+
+_NS_PER_MINUTE = 60 * 1_000_000_000
+_NS_PER_DAY = 1440 * _NS_PER_MINUTE
+_SHORT_RUN_MINUTES = (3.0, 60.0)
+_LONG_RUN_MINUTES = (60.0, 600.0)
+_SHORT_RUN_SHARE = 0.6
+_HOME_PROJECT_SHARE = 0.7
+_DIGITS = (0, 3, 6, 9)
+# Nanoseconds a timestamp with 0, 3, 6 or 9 fraction digits cannot show.
+_STEPS = tuple(10 ** (9 - d) for d in _DIGITS)
+_TABLE_BITS = 10
+
+
+def _uuid_text(h: str) -> str:
+    """A UUID-shaped string from 32 random hex digits."""
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _entity_ids(seed: int, kind: str, count: int) -> list[str]:
+    """Ids that depend only on (seed, kind, position), so they stay put when counts change."""
+    return [_uuid_text(random.Random(f"{seed}/{kind}/{i}").randbytes(16).hex()) for i in range(count)]
+
+
+def _skewed_table(rng: random.Random, items: list[str], exponent: float) -> list[str]:
+    """A 2**_TABLE_BITS lookup table drawing `items` with Zipf-like weights."""
+    weights = [1.0 / (rank + 1) ** exponent for rank in range(len(items))]
+    return rng.choices(items, weights=weights, k=1 << _TABLE_BITS)
+
+
+def _log_band(minutes: tuple[float, float]) -> tuple[float, float]:
+    """(log of the low end in ns, log-width) for drawing log-uniform runtimes."""
+    low, high = (math.log(m * _NS_PER_MINUTE) for m in minutes)
+    return low, high - low
+
+
+def generate_records(
+    seed: int,
+    start: dt.datetime | str,
+    end: dt.datetime | str,
+    count: int,
+    projects: int = 6,
+    users: int = 25,
+    runners: int = 3,
+    classes: int = 4,
+    missing_project_ratio: float = 0.05,
+    stream: str = "",
+) -> list[dict[str, Any]]:
+    """`count` records with `start <= stoppedAt < end`, identical for identical arguments.
+
+    Each environment class lives on one runner; each user mostly works in a
+    home project; ~`missing_project_ratio` of records have no projectId.
+    Timestamps use 0, 3, 6 or 9 fraction digits, and runs of up to ~10 hours
+    often cross UTC midnight. The organisation (projects, users, classes,
+    runners) depends on `seed` alone; `stream` picks another draw of records.
+    """
+    start_ns, end_ns = to_ns(start), to_ns(end)
+    if end_ns <= start_ns:
+        raise ValueError("end must be after start")
+    if min(projects, users, runners, classes) < 1:
+        raise ValueError("projects, users, runners and classes must be at least 1")
+    rng = random.Random(f"{seed}/{stream}" if stream else seed)
+    project_ids = _entity_ids(seed, "project", projects)
+    user_ids = _entity_ids(seed, "user", users)
+    runner_ids = _entity_ids(seed, "runner", runners)
+    class_ids = _entity_ids(seed, "environment-class", classes)
+    runner_of_class = {c: runner_ids[i % runners] for i, c in enumerate(class_ids)}
+    home_project = {u: project_ids[i % projects] for i, u in enumerate(user_ids)}
+    user_table = _skewed_table(rng, user_ids, 0.8)
+    project_table = _skewed_table(rng, project_ids, 1.0)
+    class_table = _skewed_table(rng, class_ids, 1.2)
+
+    span = end_ns - start_ns
+    short_band, long_band = _log_band(_SHORT_RUN_MINUTES), _log_band(_LONG_RUN_MINUTES)
+    bits, chance, exp = rng.getrandbits, rng.random, math.exp
+    id_hex = rng.randbytes(32 * count).hex()  # two ids per record, drawn in one go
+    records: list[dict[str, Any]] = []
+    for at in range(0, 64 * count, 64):
+        stop_choice, create_choice = bits(2), bits(2)
+        stopped = start_ns + bits(64) % span
+        stopped -= stopped % _STEPS[stop_choice]
+        if stopped < start_ns:
+            stopped, stop_choice = start_ns, 3  # 9 digits: start itself, exactly
+        low, width = short_band if chance() < _SHORT_RUN_SHARE else long_band
+        created = stopped - int(exp(low + chance() * width))
+        created -= created % _STEPS[create_choice]
+        user = user_table[bits(_TABLE_BITS)]
+        environment_class = class_table[bits(_TABLE_BITS)]
+        record = {
+            "id": _uuid_text(id_hex[at : at + 32]),
+            "createdAt": format_rfc3339(created, _DIGITS[create_choice]),
+            "stoppedAt": format_rfc3339(stopped, _DIGITS[stop_choice]),
+            "environmentClassId": environment_class,
+            "environmentId": _uuid_text(id_hex[at + 32 : at + 64]),
+            "projectId": home_project[user] if chance() < _HOME_PROJECT_SHARE else project_table[bits(_TABLE_BITS)],
+            "runnerId": runner_of_class[environment_class],
+            "userId": user,
+        }
+        if chance() < missing_project_ratio:
+            del record["projectId"]
+        records.append(record)
+    return records
+
+
+def generate_organisation(
+    seed: int, start: dt.datetime | str, end: dt.datetime | str, count: int
+) -> list[dict[str, Any]]:
+    """About `count` records over whole UTC days from `start`'s day through `end`'s day.
+
+    Each day's records depend only on the seed and the date, so two runs on different days
+    agree on the days they share: a later emulator holds the earlier one's records and more.
+    Records stopping after the store's "now" stay invisible until their time comes.
+    """
+    first = to_ns(start) // _NS_PER_DAY
+    last = (to_ns(end) - 1) // _NS_PER_DAY
+    days = last - first + 1
+    per_day = max(count // max(days, 1), 1)
+    records: list[dict[str, Any]] = []
+    for day in range(first, last + 1):
+        day_start = day * _NS_PER_DAY
+        records += generate_records(
+            seed, _instant(day_start), _instant(day_start + _NS_PER_DAY), per_day, stream=str(day)
+        )
+    return records
+
+
+def _instant(ns: int) -> str:
+    return format_rfc3339(ns, 0)

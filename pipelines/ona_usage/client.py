@@ -1,0 +1,300 @@
+"""HTTP client for `UsageService/ListEnvironmentUsageRecords`: requests, pages, retries, errors.
+
+The request is shaped the way Ona's official httpx-based SDK (`gitpod-sdk` 0.11) shapes it:
+POST to `{base_url}/gitpod.v1.UsageService/ListEnvironmentUsageRecords` with the page token and
+size in the query string and `{"filter": {...}, "pagination": {"pageSize": N}}` as JSON body.
+This module is the one place that knows the endpoint, decides what is retried, and holds the
+API key; the key is only ever placed in the `Authorization` header.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pendulum
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from ona_usage import __version__
+from ona_usage.windows import Window, format_rfc3339
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://app.gitpod.io/api"
+LIST_USAGE_PATH = "/gitpod.v1.UsageService/ListEnvironmentUsageRecords"
+MAX_PAGE_SIZE = 100
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+DEFAULT_MAX_ATTEMPTS = 6
+# A server that asks us to wait longer than this is treated as down, not as busy.
+MAX_RETRY_AFTER = 300.0
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class OnaApiError(Exception):
+    """The API refused the request or answered outside its contract; retrying will not help."""
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class TransientApiError(OnaApiError):
+    """A failure worth retrying: rate limits, 5xx, timeouts, dropped connections, bad bodies."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> httpx.URL:
+    """Refuse URLs that would send the key in clear text to anything but this machine."""
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"base URL {base_url!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"base URL {base_url!r} is not an http(s) URL, e.g. {DEFAULT_BASE_URL}")
+    if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
+        raise ValueError(
+            f"base URL {base_url!r} uses plain http, which would send the API key unencrypted; "
+            "use https (plain http is allowed only to 127.0.0.1/localhost)"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class UsageClient:
+    """Pages through usage records window by window; safe to share between threads."""
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        page_size: int = MAX_PAGE_SIZE,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff: float = 0.5,
+        allow_insecure_http: bool = False,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("no API key given")
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page size {page_size} must be between 1 and {MAX_PAGE_SIZE}")
+        url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
+        self.page_size = page_size
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self._endpoint = str(url).rstrip("/") + LIST_USAGE_PATH
+        self._host = url.host
+        self._http = httpx.Client(
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+                "User-Agent": f"ona-usage/{__version__}",
+            },
+            timeout=timeout,
+            follow_redirects=False,
+            transport=transport,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+        )
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.retries = 0
+
+    def __enter__(self) -> UsageClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def pages(self, window: Window, project_id: str | None = None) -> Iterator[list[dict[str, Any]]]:
+        """Yield each page's records for one window, following `nextToken` until it ends."""
+        content = _request_body(window, project_id, self.page_size)
+        token: str | None = None
+        seen: set[str] = set()
+        while True:
+            params = {"pageSize": str(self.page_size)}
+            if token:
+                params["token"] = token
+            page = self._call(params, content, window)
+            records = page.get("records") or []
+            if not isinstance(records, list):
+                raise OnaApiError(f"the API answered window {window} with `records` that is not a list")
+            yield records
+            pagination = page.get("pagination") or {}
+            token = pagination.get("nextToken") if isinstance(pagination, dict) else None
+            if not token:
+                return
+            if token in seen:
+                raise OnaApiError(
+                    f"the API returned the same page token twice for window {window}; "
+                    "stopping instead of paging forever"
+                )
+            seen.add(token)
+
+    def check_access(self) -> None:
+        """One cheap request, so a bad key or URL fails before anything touches the warehouse."""
+        now = pendulum.now("UTC").start_of("second")
+        window = Window(now.subtract(minutes=1), now)
+        self._call({"pageSize": "1"}, _request_body(window, None, 1), window)
+
+    def _call(self, params: dict[str, str], content: bytes, window: Window) -> dict[str, Any]:
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(TransientApiError),
+            before_sleep=lambda state: self._log_retry(state, window),
+            reraise=True,
+        )
+        try:
+            return retrying(self._post_once, params, content)
+        except TransientApiError as exc:
+            raise TransientApiError(
+                f"{exc} (gave up after {self.max_attempts} attempts for window {window})",
+                code=exc.code,
+                status=exc.status,
+            ) from None
+
+    def _post_once(self, params: dict[str, str], content: bytes) -> dict[str, Any]:
+        with self._lock:
+            self.requests += 1
+        try:
+            response = self._http.post(self._endpoint, params=params, content=content)
+        except httpx.TimeoutException as exc:
+            raise TransientApiError(f"the API did not answer in time ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise TransientApiError(f"connection to {self._host} failed: {type(exc).__name__}: {exc}") from None
+        if response.is_redirect:
+            target = response.next_request.url if response.next_request else httpx.URL(response.headers.get("location", ""))
+            raise OnaApiError(
+                f"the API redirected to {target.host or target}; not following it with the API key "
+                f"(if that host is right, set --base-url to it)",
+                status=response.status_code,
+            )
+        if response.status_code != 200:
+            raise _error_from(response)
+        try:
+            page = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise TransientApiError(
+                f"the API answered with a body that is not JSON "
+                f"({response.headers.get('content-type', 'no content type')}, {len(response.content)} bytes)"
+            ) from None
+        if not isinstance(page, dict):
+            raise TransientApiError("the API answered with JSON that is not an object")
+        return page
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Jittered exponential backoff, but never less than the server's `Retry-After`."""
+        exc = state.outcome.exception() if state.outcome else None
+        backoff = self.backoff * 2 ** (state.attempt_number - 1)
+        delay = random.uniform(backoff / 2, backoff * 1.5)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return delay
+
+    def _log_retry(self, state: RetryCallState, window: Window) -> None:
+        with self._lock:
+            self.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0
+        logger.warning(
+            "retrying window %s after: %s (attempt %d of %d, waiting %.1fs)",
+            window,
+            exc,
+            state.attempt_number + 1,
+            self.max_attempts,
+            wait,
+        )
+
+
+def _error_from(response: httpx.Response) -> OnaApiError:
+    """Map a non-200 answer to an error; Connect-RPC bodies carry `{"code", "message"}`."""
+    status = response.status_code
+    code, message = _connect_error(response)
+    detail = f"{code}: {message}" if code else f"HTTP {status}"
+    if status in RETRY_STATUSES:
+        retry_after = _retry_after(response.headers)
+        if retry_after is not None and retry_after > MAX_RETRY_AFTER:
+            return OnaApiError(
+                f"the API is rate limiting ({detail}) and asks to wait {retry_after:.0f}s; try again later",
+                code=code,
+                status=status,
+            )
+        return TransientApiError(f"the API answered HTTP {status} ({detail})", retry_after=retry_after, code=code, status=status)
+    if status == 401 or code == "unauthenticated":
+        return OnaApiError(
+            f"the API rejected the API key ({detail}); check ONA_API_KEY or sources.ona_usage.api_key",
+            code=code,
+            status=status,
+        )
+    if status == 403 or code == "permission_denied":
+        return OnaApiError(
+            f"the API key may not list usage records ({detail}); it needs access to the organization's usage",
+            code=code,
+            status=status,
+        )
+    return OnaApiError(f"the API refused the request: {detail} (HTTP {status})", code=code, status=status)
+
+
+def _connect_error(response: httpx.Response) -> tuple[str | None, str]:
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return None, ""
+    if isinstance(body, dict) and isinstance(body.get("code"), str):
+        return body["code"], str(body.get("message", ""))[:500]
+    return None, ""
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(float(ms) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    parsed = email.utils.parsedate_to_datetime(value) if value else None
+    if parsed is None:
+        return None
+    return max(parsed.timestamp() - time.time(), 0.0)
+
+
+def _request_body(window: Window, project_id: str | None, page_size: int) -> bytes:
+    filter_: dict[str, Any] = {
+        "dateRange": {"startTime": format_rfc3339(window.start), "endTime": format_rfc3339(window.end)}
+    }
+    if project_id:
+        filter_["projectId"] = project_id
+    return orjson.dumps({"filter": filter_, "pagination": {"pageSize": page_size}})
