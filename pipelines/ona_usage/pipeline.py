@@ -33,11 +33,11 @@ class SyncResult:
     load_info: LoadInfo
 
 
-def make_pipeline(settings: SyncSettings) -> dlt.Pipeline:
+def make_pipeline(settings: SyncSettings, destination: Destination | None = None) -> dlt.Pipeline:
     """A pipeline whose state and data live in the configured destination and dataset."""
     return dlt.pipeline(
         pipeline_name=settings.pipeline_name,
-        destination=make_destination(settings),
+        destination=destination or make_destination(settings),
         dataset_name=settings.dataset_name,
     )
 
@@ -77,6 +77,7 @@ def duckdb_path() -> str:
 def run_sync(settings: SyncSettings, stats: ExtractStats | None = None) -> SyncResult:
     """Check the key, then extract, normalize and load one incremental run."""
     settings.validate()
+    destination = make_destination(settings)
     stats = stats if stats is not None else ExtractStats()
     started = time.monotonic()
     with UsageClient(
@@ -87,7 +88,7 @@ def run_sync(settings: SyncSettings, stats: ExtractStats | None = None) -> SyncR
     ) as client:
         # A bad key or URL fails here, before the pipeline touches the destination.
         client.check_access()
-        pipeline = make_pipeline(settings)
+        pipeline = make_pipeline(settings, destination)
         source = ona_usage(
             client=client,
             stats=stats,

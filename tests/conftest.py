@@ -1,0 +1,105 @@
+"""Shared fixtures: a real emulator on 127.0.0.1, an isolated working directory, and the truth."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pendulum
+import pytest
+
+from ona_emulator import EmulatorServer, UsageStore, generate_records, parse_rfc3339_ns
+
+API_KEY = "test-key-5f3e9a1c-do-not-print"
+COLUMNS = (
+    "id",
+    "created_at",
+    "stopped_at",
+    "environment_class_id",
+    "environment_id",
+    "project_id",
+    "runner_id",
+    "user_id",
+)
+API_FIELDS = ("id", "createdAt", "stoppedAt", "environmentClassId", "environmentId", "projectId", "runnerId", "userId")
+KEY_ENV_VARS = ("ONA_API_KEY", "GITPOD_API_KEY", "SOURCES__ONA_USAGE__API_KEY")
+
+
+@pytest.fixture
+def store() -> UsageStore:
+    return UsageStore()
+
+
+@pytest.fixture
+def emulator(store: UsageStore) -> Iterator[EmulatorServer]:
+    with EmulatorServer(store, api_key=API_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with its own DuckDB file and dlt data dir, and no stray config."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt-data"))
+    monkeypatch.setenv("DLT_TELEMETRY_DISABLED", "1")
+    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
+    for name in list(os.environ):
+        if name.startswith(("SOURCES__", "DESTINATION__")) or name in KEY_ENV_VARS:
+            monkeypatch.delenv(name)
+    return tmp_path
+
+
+def recent_records(count: int, days: int, seed: int = 7, **kwargs: Any) -> list[dict[str, Any]]:
+    """Records over the `days` days before the last full hour, so a sync "now" covers them all."""
+    end = pendulum.now("UTC").start_of("hour")
+    return generate_records(seed, end.subtract(days=days), end, count, **kwargs)
+
+
+def to_datetime(text: str | None) -> datetime | None:
+    """The value a timestamp column must hold: the instant, truncated to microseconds."""
+    if text is None:
+        return None
+    micros = parse_rfc3339_ns(text) // 1000
+    return datetime.fromtimestamp(0, timezone.utc) + pendulum.duration(microseconds=micros)
+
+
+def expected_rows(records: list[dict[str, Any]]) -> dict[str, tuple]:
+    rows = {}
+    for record in records:
+        values = [record.get(field) for field in API_FIELDS]
+        values[1], values[2] = to_datetime(values[1]), to_datetime(values[2])
+        rows[record["id"]] = tuple(values)
+    return rows
+
+
+def table_rows(path: Path | str, dataset: str = "ona_usage") -> list[tuple]:
+    with duckdb.connect(str(path), read_only=True) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        return conn.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM {dataset}.environment_usage_records ORDER BY id"
+        ).fetchall()
+
+
+def assert_table_equals(path: Path | str, records: list[dict[str, Any]], dataset: str = "ona_usage") -> None:
+    """Same ids, same values, each id once."""
+    rows = table_rows(path, dataset)
+    ids = [row[0] for row in rows]
+    assert len(ids) == len(set(ids)), "duplicate ids in the table"
+    actual = {row[0]: tuple(v.astimezone(timezone.utc) if isinstance(v, datetime) else v for v in row) for row in rows}
+    expected = expected_rows(records)
+    assert actual.keys() == expected.keys()
+    assert actual == expected
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    full_env = {k: v for k, v in os.environ.items()}
+    full_env.update(env or {})
+    exe = Path(sys.executable).with_name("ona-usage")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300)
