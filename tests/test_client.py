@@ -420,7 +420,10 @@ def test_check_base_url_refuses_plain_http_to_other_hosts(url: str) -> None:
     UsageClient(KEY, url, allow_insecure_http=True).close()
 
 
-@pytest.mark.parametrize("url", ["not a url", "ftp://x", "ftp://x/api", "https://", "app.gitpod.io/api", "", "http://exa mple.com"])
+@pytest.mark.parametrize(
+    "url",
+    ["not a url", "ftp://x", "ftp://x/api", "https://", "https:///api", "app.gitpod.io/api", "//app.gitpod.io/api", "", "http://[::1"],
+)
 def test_check_base_url_refuses_non_urls(url: str) -> None:
     with pytest.raises(ValueError):
         check_base_url(url)

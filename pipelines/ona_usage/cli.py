@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,8 @@ LIMIT 5"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # dlt reports anonymous usage to its vendor unless told otherwise; a sync tool should not.
+    os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
