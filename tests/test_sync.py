@@ -12,7 +12,7 @@ import pytest
 
 from ona_emulator import EmulatorServer, UsageStore
 from ona_usage import settings
-from ona_usage.pipeline import SyncResult, make_pipeline, read_cursor, run_sync
+from ona_usage.pipeline import SyncResult, make_pipeline, read_cursor, read_state, run_sync
 from ona_usage.windows import format_rfc3339
 
 from conftest import API_KEY, assert_table_equals, recent_records, table_rows
@@ -58,41 +58,45 @@ def test_sync_over_many_windows_and_pages_loads_exactly_the_api_records(workdir,
 def test_second_run_loads_only_new_and_late_records_inside_the_lookback(workdir, store, emulator):
     store.add(recent_records(600, days=5))
     sync(emulator, start_date=pendulum.now("UTC").subtract(days=6).to_date_string(), lookback="2h")
-    pipeline = make_pipeline(settings.resolve({}))
-    cursor = pendulum.instance(read_cursor(pipeline))
+    state = read_state(make_pipeline(settings.resolve({})))
+    cursor, fetched_at = pendulum.instance(state.cursor), pendulum.instance(state.fetched_at)
+    assert state.fetched_through == state.fetched_at  # a scheduled run fetches up to "now"
 
-    new = _records(cursor.add(minutes=10), 5, "new")
-    late_inside = _records(cursor.subtract(minutes=90), 2, "late-inside")  # inside the 2h lookback
-    late_outside = _records(cursor.subtract(hours=5), 1, "late-outside")  # only verify/backfill sees it
+    new = _records(cursor.add(seconds=1), 5, "new")
+    # became visible only after the first run, with a stoppedAt inside the 2h lookback
+    late_inside = _records(min(cursor, fetched_at.subtract(minutes=90)), 2, "late-inside")
+    late_outside = _records(fetched_at.subtract(hours=5), 1, "late-outside")  # only a backfill sees it
     store.add(new + late_inside + late_outside)
     emulator.reset_requests()
 
     result = sync(emulator, lookback="2h")
 
-    assert result.rows_loaded == len(store.records(start=cursor.subtract(hours=2)))
+    assert result.rows_loaded == len(store.records(start=fetched_at.subtract(hours=2)))
     assert result.rows_loaded >= 7
     expected = [r for r in store.records() if not r["id"].startswith("late-outside")]
     assert_table_equals(workdir / DB, expected)
-    # it asked only for [cursor - lookback, now), one day window or two
+    # it asked only for [end of the last run - lookback, now): one day window or two
     ranges = request_ranges(emulator)
-    assert ranges[0][0] == format_rfc3339(cursor.subtract(hours=2))
-    assert all(pendulum.parse(start) >= cursor.subtract(hours=2) for start, _ in ranges)
-    assert result.windows == len({r for r in ranges}) <= 2
+    assert ranges[0][0] == format_rfc3339(fetched_at.subtract(hours=2))
+    assert all(pendulum.parse(start) >= fetched_at.subtract(hours=2) for start, _ in ranges)
+    assert result.windows == len(set(ranges)) <= 2
 
 
 def test_a_fresh_runner_resumes_from_the_state_in_the_destination(workdir, store, emulator):
     store.add(recent_records(400, days=4))
     sync(emulator, start_date=pendulum.now("UTC").subtract(days=5).to_date_string())
-    cursor = pendulum.instance(read_cursor(make_pipeline(settings.resolve({}))))
+    state = read_state(make_pipeline(settings.resolve({})))
+    cursor, fetched_at = pendulum.instance(state.cursor), pendulum.instance(state.fetched_at)
     shutil.rmtree(workdir / "dlt-data")  # the runner's disk is gone; the DuckDB file is not
 
-    store.add(_records(cursor.add(minutes=5), 3, "after"))
+    store.add(_records(cursor.add(seconds=1), 3, "after"))
     emulator.reset_requests()
     result = sync(emulator)
 
     assert_table_equals(workdir / DB, store.records())
-    assert result.rows_loaded == len(store.records(start=cursor.subtract(hours=2)))
-    assert all(pendulum.parse(start) >= cursor.subtract(hours=2) for start, _ in request_ranges(emulator))
+    assert result.rows_loaded == len(store.records(start=fetched_at.subtract(hours=2)))
+    ranges = request_ranges(emulator)
+    assert ranges[0][0] == format_rfc3339(fetched_at.subtract(hours=2))
     assert read_cursor(make_pipeline(settings.resolve({}))) > cursor
 
 

@@ -100,6 +100,7 @@ class UsageClient:
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page size {page_size} must be between 1 and {MAX_PAGE_SIZE}")
         url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
+        self._secret = api_key
         self.page_size = page_size
         self.max_attempts = max_attempts
         self.backoff = backoff
@@ -188,14 +189,14 @@ class UsageClient:
         except httpx.TransportError as exc:
             raise TransientApiError(f"connection to {self._host} failed: {type(exc).__name__}: {exc}") from None
         if response.is_redirect:
-            target = response.next_request.url if response.next_request else httpx.URL(response.headers.get("location", ""))
+            target = response.next_request.url.host if response.next_request else ""
             raise OnaApiError(
-                f"the API redirected to {target.host or target}; not following it with the API key "
-                f"(if that host is right, set --base-url to it)",
+                f"the API redirected (HTTP {response.status_code}) to {target or 'an unnamed location'}; "
+                "not following it with the API key (if that host is right, set --base-url to it)",
                 status=response.status_code,
             )
         if response.status_code != 200:
-            raise _error_from(response)
+            raise _error_from(response, self._secret)
         try:
             page = orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -232,10 +233,12 @@ class UsageClient:
         )
 
 
-def _error_from(response: httpx.Response) -> OnaApiError:
+def _error_from(response: httpx.Response, secret: str) -> OnaApiError:
     """Map a non-200 answer to an error; Connect-RPC bodies carry `{"code", "message"}`."""
     status = response.status_code
     code, message = _connect_error(response)
+    # The server's words go into one line of ours, and never with the key, should it echo it.
+    message = " ".join(message.replace(secret, "***").split())
     detail = f"{code}: {message}" if code else f"HTTP {status}"
     if status in RETRY_STATUSES:
         retry_after = _retry_after(response.headers)
@@ -285,9 +288,10 @@ def _retry_after(headers: httpx.Headers) -> float | None:
         return max(float(value), 0.0)
     except ValueError:
         pass
-    parsed = email.utils.parsedate_to_datetime(value) if value else None
-    if parsed is None:
-        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None  # unreadable: fall back to our own backoff
     return max(parsed.timestamp() - time.time(), 0.0)
 
 

@@ -1,36 +1,75 @@
-"""The dlt pipeline around the source: which destination and dataset, one run, what it did."""
+"""The dlt pipeline around the source: destination and dataset, runs in chunks, and the state.
+
+A command takes the pipeline's lock, finishes any load a killed or failed run left pending,
+then runs the source one chunk at a time; each chunk is one dlt load that commits its rows and
+its progress together, so a crash loses at most the chunk in flight.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import math
+import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import dlt
+import pendulum
 from dlt.common.destination.reference import Destination
 from dlt.common.pipeline import LoadInfo
 
 from ona_usage.client import UsageClient
-from ona_usage.settings import ConfigError, SyncSettings
-from ona_usage.source import CURSOR_COLUMN, RESOURCE_NAME, ExtractStats, ona_usage
+from ona_usage.settings import ConfigError, SyncSettings, parse_date
+from ona_usage.source import (
+    CURSOR_COLUMN,
+    RESOURCE_NAME,
+    ExtractStats,
+    backfill_key,
+    ona_usage,
+    resume_point,
+)
+from ona_usage.windows import Window, parse_duration, parse_window_size, tile, to_utc
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DUCKDB_FILE = "ona-usage.duckdb"
 
 
+class PipelineBusyError(RuntimeError):
+    """Another run of the same pipeline holds the lock."""
+
+
 @dataclass
 class SyncResult:
-    """What one run did, for the summary line and for callers that schedule runs."""
+    """What one command did, over all its chunks."""
 
-    rows_loaded: int
-    windows: int
-    pages: int
-    requests: int
-    retries: int
+    rows_loaded: int = 0
+    windows: int = 0
+    pages: int = 0
+    requests: int = 0
+    retries: int = 0
+    chunks: int = 0
+    cursor: datetime | None = None
+    seconds: float = 0.0
+    load_infos: list[LoadInfo] = field(default_factory=list)
+
+
+@dataclass
+class SyncState:
+    """The resource's state as the scheduled sync and backfills see it."""
+
     cursor: datetime | None
-    seconds: float
-    load_info: LoadInfo
+    fetched_through: datetime | None
+    fetched_at: datetime | None
+    initial_value: datetime | None
+    backfills: dict[str, Any]
+    last_run: dict[str, Any] | None
 
 
 def make_pipeline(settings: SyncSettings, destination: Destination | None = None) -> dlt.Pipeline:
@@ -75,10 +114,32 @@ def duckdb_path() -> str:
 
 
 def run_sync(settings: SyncSettings, stats: ExtractStats | None = None) -> SyncResult:
-    """Check the key, then extract, normalize and load one incremental run."""
+    """The scheduled run: from the state (or `start_date`) to now, a chunk per load."""
+    return _run(settings, stats, backfill=None)
+
+
+def run_backfill(
+    settings: SyncSettings, start: str, end: str, stats: ExtractStats | None = None
+) -> SyncResult:
+    """Load `[start, end)` merged on `id`, resuming after its last committed chunk.
+
+    The scheduled cursor does not move: dlt's `end_value` runs keep no cursor state.
+    """
+    begin, finish = parse_date(start, "--start"), parse_date(end, "--end")
+    if finish <= begin:
+        raise ConfigError(f"--end {end!r} must be after --start {start!r}")
+    return _run(settings, stats, backfill=(begin, finish))
+
+
+def _run(
+    settings: SyncSettings,
+    stats: ExtractStats | None,
+    backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None,
+) -> SyncResult:
     settings.validate()
-    destination = make_destination(settings)
+    destination = make_destination(settings)  # an unknown one fails before any request
     stats = stats if stats is not None else ExtractStats()
+    result = SyncResult()
     started = time.monotonic()
     with UsageClient(
         settings.api_key,
@@ -86,41 +147,148 @@ def run_sync(settings: SyncSettings, stats: ExtractStats | None = None) -> SyncR
         page_size=int(settings.page_size),
         allow_insecure_http=settings.allow_insecure_http,
     ) as client:
-        # A bad key or URL fails here, before the pipeline touches the destination.
+        # A bad key or URL fails here, before anything touches the destination or the state.
         client.check_access()
-        pipeline = make_pipeline(settings, destination)
+        with pipeline_lock(settings):
+            _run_chunks(client, make_pipeline(settings, destination), settings, stats, backfill, result)
+    result.windows, result.pages = stats.windows_done, stats.pages
+    result.requests, result.retries = client.requests, client.retries
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _run_chunks(
+    client: UsageClient,
+    pipeline: dlt.Pipeline,
+    settings: SyncSettings,
+    stats: ExtractStats,
+    backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None,
+    result: SyncResult,
+) -> None:
+    """One dlt load per chunk until the range is done; each commits its rows and progress."""
+    finish_pending(pipeline)
+    pipeline.sync_destination()
+    key = backfill_key(*backfill, settings.project_id) if backfill else None
+    stats.windows_total = len(planned_windows(pipeline, settings, backfill))
+    max_windows = chunk_windows(settings)
+    while True:
+        options: dict[str, Any] = {}
+        if backfill:
+            progress = read_state(pipeline).backfills.get(key, {})
+            if progress.get("done"):
+                break
+            options = {"start_date": progress.get("through") or backfill[0], "end_date": backfill[1]}
+        else:
+            options = {"start_date": settings.start_date}
         source = ona_usage(
             client=client,
             stats=stats,
-            start_date=settings.start_date,
             project_id=settings.project_id,
             window=settings.window,
             lookback=settings.lookback,
             workers=int(settings.workers),
+            max_windows=max_windows,
+            backfill=key,
+            **options,
         )
-        load_info = pipeline.run(source)
-    normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
-    return SyncResult(
-        rows_loaded=(normalize.row_counts.get(RESOURCE_NAME, 0) if normalize else 0),
-        windows=stats.windows_done,
-        pages=stats.pages,
-        requests=client.requests,
-        retries=client.retries,
-        cursor=read_cursor(pipeline),
-        seconds=time.monotonic() - started,
-        load_info=load_info,
+        result.load_infos.append(pipeline.run(source))
+        result.chunks += 1
+        normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
+        result.rows_loaded += normalize.row_counts.get(RESOURCE_NAME, 0) if normalize else 0
+        if not stats.more:
+            break
+        logger.info("committed chunk %d (%d of %d windows)", result.chunks, stats.windows_done, stats.windows_total)
+    result.cursor = read_state(pipeline).cursor
+
+
+def chunk_windows(settings: SyncSettings) -> int:
+    """Windows per load: a chunk of `--chunk` (a week by default) in windows of `--window`."""
+    window = parse_window_size(settings.window).total_seconds()
+    return max(1, math.ceil(parse_duration(settings.chunk, name="chunk").total_seconds() / window))
+
+
+def finish_pending(pipeline: dlt.Pipeline) -> None:
+    """Load what a failed or killed run extracted but did not load, before fetching anything new.
+
+    Its rows and its state belong together, so loading them keeps the table and the cursor
+    consistent; if the package is lost instead (a fresh machine), the destination's older state
+    rules, which is consistent too.
+    """
+    if pipeline.has_pending_data:
+        logger.warning("finishing a load that an earlier run left pending")
+        pipeline.normalize()
+        pipeline.load()
+
+
+def read_state(pipeline: dlt.Pipeline) -> SyncState:
+    """The resource state: the cursor, how far the sync fetched, and backfills."""
+    resource: dict[str, Any] = (
+        pipeline.state.get("sources", {}).get("ona_usage", {}).get("resources", {}).get(RESOURCE_NAME, {})
+    )
+    incremental = resource.get("incremental", {}).get(CURSOR_COLUMN, {})
+    return SyncState(
+        cursor=incremental.get("last_value"),
+        fetched_through=resource.get("fetched_through"),
+        fetched_at=resource.get("fetched_at"),
+        initial_value=incremental.get("initial_value"),
+        backfills=dict(resource.get("backfills", {})),
+        last_run=resource.get("last_run"),
     )
 
 
 def read_cursor(pipeline: dlt.Pipeline) -> datetime | None:
-    """The newest `stopped_at` the scheduled sync has loaded, from the pipeline's state."""
-    state: dict[str, Any] = pipeline.state
-    incremental = (
-        state.get("sources", {})
-        .get("ona_usage", {})
-        .get("resources", {})
-        .get(RESOURCE_NAME, {})
-        .get("incremental", {})
-        .get(CURSOR_COLUMN, {})
-    )
-    return incremental.get("last_value")
+    """The newest `stopped_at` the scheduled sync has loaded."""
+    return read_state(pipeline).cursor
+
+
+def planned_windows(
+    pipeline: dlt.Pipeline,
+    settings: SyncSettings,
+    backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None = None,
+    now: pendulum.DateTime | None = None,
+) -> list[Window]:
+    """The windows a run would fetch now, from the same rule the resource applies."""
+    size = parse_window_size(settings.window)
+    state = read_state(pipeline)
+    if backfill:
+        progress = state.backfills.get(backfill_key(*backfill, settings.project_id), {})
+        if progress.get("done"):
+            return []
+        return list(tile(to_utc(progress.get("through") or backfill[0]), backfill[1], size))
+    lookback = parse_duration(settings.lookback, name="lookback")
+    initial = to_utc(state.initial_value or settings.start_date or default_start())
+    lagged = initial if state.cursor is None else max(to_utc(state.cursor) - lookback, initial)
+    start = resume_point(lagged, state.fetched_through, state.fetched_at, lookback)
+    return list(tile(start, now or pendulum.now("UTC"), size))
+
+
+def default_start() -> pendulum.DateTime:
+    from ona_usage.settings import default_start_date
+
+    return default_start_date()
+
+
+@contextmanager
+def pipeline_lock(settings: SyncSettings) -> Iterator[None]:
+    """One run per pipeline at a time on this machine; a second one is refused, not queued."""
+    folder = Path(os.environ.get("DLT_DATA_DIR") or Path.home() / ".dlt") / "pipelines"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".{settings.pipeline_name}.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise PipelineBusyError(
+                f"another ona-usage run of pipeline {settings.pipeline_name!r} is in progress (pid {holder}); "
+                "wait for it to finish"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -23,6 +23,7 @@ DEFAULT_WINDOW = "1d"
 DEFAULT_LOOKBACK = "2h"
 DEFAULT_PAGE_SIZE = MAX_PAGE_SIZE
 DEFAULT_WORKERS = 4
+DEFAULT_CHUNK = "7d"
 DEFAULT_START_DAYS = 30
 DEFAULT_DESTINATION = "duckdb"
 DEFAULT_DATASET_NAME = "ona_usage"
@@ -50,6 +51,7 @@ class SyncSettings(BaseConfiguration):
     lookback: str = DEFAULT_LOOKBACK
     page_size: int = DEFAULT_PAGE_SIZE
     workers: int = DEFAULT_WORKERS
+    chunk: str = DEFAULT_CHUNK
     destination: str = DEFAULT_DESTINATION
     dataset_name: str = DEFAULT_DATASET_NAME
     pipeline_name: str = DEFAULT_PIPELINE_NAME
@@ -65,6 +67,8 @@ class SyncSettings(BaseConfiguration):
         _check(lambda: parse_window_size(self.window))
         if _check(lambda: parse_duration(self.lookback, name="lookback")).total_seconds() < 0:
             raise ConfigError(f"lookback {self.lookback!r} must not be negative")
+        if _check(lambda: parse_duration(self.chunk, name="chunk")).total_seconds() <= 0:
+            raise ConfigError(f"chunk {self.chunk!r} must be positive, e.g. 7d")
         if not 1 <= int(self.page_size) <= MAX_PAGE_SIZE:
             raise ConfigError(f"page size {self.page_size} must be between 1 and {MAX_PAGE_SIZE}")
         if not 1 <= int(self.workers) <= 32:

@@ -1,11 +1,16 @@
 """The dlt source `ona_usage` and its resource `environment_usage_records`.
 
-The resource keeps dlt's incremental cursor on `stopped_at` (the newest `stoppedAt` loaded).
-Each run asks the API for `[cursor - lookback, now)` in windows of at most a day, fetches
-several windows at once, and yields one Arrow table per window. Rows are merged on `id`, so a
-record read twice (across pages, windows, the lookback or runs) ends up once with its latest
-values. The cursor lives in dlt's pipeline state, which dlt stores in the destination with the
-data: a run on a fresh machine resumes from there, and a failed run commits neither.
+The resource keeps dlt's incremental cursor on `stopped_at` (the newest `stoppedAt` loaded) and,
+beside it in the resource state, `fetched_through`: the end of the last window a committed run
+fetched (and `fetched_at`, when). A scheduled run asks the API for the range from there, less
+the lookback where late records may still appear, to now (see `resume_point`), in windows of at most a day, fetches several windows at once, and
+yields one Arrow table per window. Rows are merged on `id`, so a record read twice ends up once
+with its latest values. The state is committed with the data, in the destination, so a failed
+run moves neither and a run on a fresh machine resumes from there.
+
+A run can stop after `max_windows` windows (a chunk) and commit; the caller runs the next
+chunk. A backfill (`end_date` set) uses dlt's stateless `end_value` mode: the scheduled cursor
+does not move, and the backfill's own progress is kept under `backfills` in the resource state.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Any, Optional
 
 import dlt
 import pendulum
@@ -23,21 +28,22 @@ from dlt.extract.resource import DltResource
 from ona_usage import settings
 from ona_usage.client import UsageClient
 from ona_usage.records import COLUMNS, to_table
-from ona_usage.windows import Window, parse_duration, parse_window_size, tile, to_utc
+from ona_usage.windows import Window, format_rfc3339, parse_duration, parse_window_size, tile, to_utc
 
 RESOURCE_NAME = "environment_usage_records"
 CURSOR_COLUMN = "stopped_at"
 
 
 class ExtractStats:
-    """What a run fetched, for the summary and progress; windows are counted once planned."""
+    """What runs fetched, for progress and the summary; shared by the chunks of one command."""
 
     def __init__(self, on_window: Callable[[ExtractStats, Window, int], None] | None = None) -> None:
         self.on_window = on_window
-        self.windows_planned: list[Window] = []
+        self.windows_total = 0
         self.windows_done = 0
         self.pages = 0
         self.records = 0
+        self.more = False  # the last run stopped at its chunk's end, before "now" or the backfill's end
 
     def window_done(self, window: Window, pages: int, records: int) -> None:
         self.windows_done += 1
@@ -45,6 +51,31 @@ class ExtractStats:
         self.records += records
         if self.on_window:
             self.on_window(self, window, records)
+
+
+def resume_point(
+    lagged_start: pendulum.DateTime,
+    fetched_through: Any,
+    fetched_at: Any,
+    lookback: pendulum.Duration,
+) -> pendulum.DateTime:
+    """Where a scheduled run starts: the end of what was fetched, less what may have been late.
+
+    A record can show up in the API a while after it stopped (ingestion lag), so a window is
+    only final once it ended more than `lookback` before it was fetched. The next run starts
+    at the end of the last committed run, or `lookback` before the moment that run fetched,
+    whichever is earlier: right after the previous chunk during a long catch-up, and
+    `lookback` before the end of the previous run on a schedule. `lagged_start` is dlt's
+    `cursor - lookback` (never before the first run's start date), the floor.
+    """
+    if fetched_through is None:
+        return lagged_start
+    settled = to_utc(fetched_at or fetched_through) - lookback
+    return max(lagged_start, min(to_utc(fetched_through), settled))
+
+
+def backfill_key(start: pendulum.DateTime, end: pendulum.DateTime, project_id: str | None) -> str:
+    return f"{format_rfc3339(start)}/{format_rfc3339(end)}/{project_id or '*'}"
 
 
 @dlt.source(name="ona_usage", max_table_nesting=0)
@@ -58,9 +89,11 @@ def ona_usage(
     lookback: str = settings.DEFAULT_LOOKBACK,
     page_size: int = settings.DEFAULT_PAGE_SIZE,
     workers: int = settings.DEFAULT_WORKERS,
+    max_windows: Optional[int] = None,
     allow_insecure_http: bool = False,
     client: Optional[UsageClient] = None,
     stats: Optional[ExtractStats] = None,
+    backfill: Optional[str] = None,
 ) -> DltResource:
     """Ona environment usage records, merged on `id`, with an incremental cursor on `stopped_at`.
 
@@ -69,16 +102,19 @@ def ona_usage(
             `GITPOD_API_KEY`.
         base_url: API base URL, `https://app.gitpod.io/api` or `https://app.ona.com/api`.
         start_date: Where the first run starts (ISO date or datetime, UTC); later runs resume
-            from the cursor. Defaults to 30 days before the first run.
-        end_date: Exclusive end for a one-off backfill; with it the run keeps no cursor.
+            from the state. Defaults to 30 days before the first run.
+        end_date: Exclusive end of a one-off backfill of `[start_date, end_date)`; such a run
+            leaves the scheduled cursor alone.
         project_id: Only records of this project.
         window: Size of each request's date range: at most `1d`, e.g. `6h`.
-        lookback: How far before the cursor each run starts again, to catch late records.
+        lookback: How much of the last run's range each run reads again, to catch late records.
         page_size: Records per page, 1 to 100.
         workers: Windows fetched at once.
+        max_windows: Stop after this many windows (one chunk); the next run continues.
         allow_insecure_http: Allow a plain `http://` base URL that is not loopback.
         client: An existing client to use instead of `api_key`, `base_url` and `page_size`.
         stats: Counters the caller reads for progress and the run's summary.
+        backfill: The key under which a backfill records its progress (see `backfill_key`).
     """
     if client is None:
         key = api_key or settings.api_key_from_env()
@@ -93,7 +129,9 @@ def ona_usage(
         window_size=parse_window_size(window),
         lookback=parse_duration(lookback, name="lookback"),
         workers=workers,
+        max_windows=max_windows,
         stats=stats,
+        backfill=backfill,
     )
 
 
@@ -106,7 +144,9 @@ def usage_records(
     window_size: pendulum.Duration = pendulum.duration(days=1),
     lookback: pendulum.Duration = pendulum.duration(hours=2),
     workers: int = settings.DEFAULT_WORKERS,
+    max_windows: int | None = None,
     stats: ExtractStats | None = None,
+    backfill: str | None = None,
 ) -> DltResource:
     """The resource over an existing client, so the caller can read the client's counters."""
     stats = stats if stats is not None else ExtractStats()
@@ -129,17 +169,34 @@ def usage_records(
             primary_key=(),
         ),
     ) -> Iterator[pa.Table]:
-        start = to_utc(stopped_at.start_value)
-        end = to_utc(stopped_at.end_value) if stopped_at.end_value else pendulum.now("UTC")
-        stats.windows_planned = list(tile(start, end, window_size))
-        for table in fetch_windows(client, stats, project_id, workers):
-            yield table
+        state = dlt.current.resource_state()
+        lagged_start = to_utc(stopped_at.start_value)
+        if end_date is None:
+            end = pendulum.now("UTC")
+            start = resume_point(lagged_start, state.get("fetched_through"), state.get("fetched_at"), lookback)
+        else:
+            start, end = lagged_start, end_date
+        windows = list(tile(start, end, window_size))
+        stats.more = bool(max_windows) and len(windows) > max_windows
+        if stats.more:
+            windows = windows[:max_windows]
+        yield from fetch_windows(client, windows, stats, project_id, workers)
+        # Reached only when every window was fetched; committed with the rows, or not at all.
+        through = windows[-1].end if windows else end
+        if backfill:
+            state.setdefault("backfills", {})[backfill] = {
+                "through": through,
+                "done": not stats.more,
+                "updated_at": pendulum.now("UTC"),
+            }
+        elif end_date is None:
+            state["fetched_through"], state["fetched_at"] = through, end
 
     return environment_usage_records
 
 
 def fetch_windows(
-    client: UsageClient, stats: ExtractStats, project_id: str | None, workers: int
+    client: UsageClient, windows: list[Window], stats: ExtractStats, project_id: str | None, workers: int
 ) -> Iterator[pa.Table]:
     """Fetch windows concurrently but yield them in order, holding at most `2 * workers`."""
 
@@ -151,13 +208,13 @@ def fetch_windows(
             pages += 1
         return window, pages, to_table(records, window)
 
-    with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="ona-window") as pool:
+    workers = max(workers, 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ona-window") as pool:
         pending: deque[Future[tuple[Window, int, pa.Table]]] = deque()
-        planned = iter(stats.windows_planned)
         try:
-            for window in planned:
+            for window in windows:
                 pending.append(pool.submit(fetch, window))
-                if len(pending) >= 2 * max(workers, 1):
+                if len(pending) >= 2 * workers:
                     yield from _finish(pending.popleft(), stats)
             while pending:
                 yield from _finish(pending.popleft(), stats)
