@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lock clean
+.PHONY: install postgres demo test bench lock clean
 
 install: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml requirements.lock
 demo: install
 	$(BIN)/ona-usage demo
 
-test: install
+# The destination tests start a throwaway PostgreSQL server; install Debian's if there is none.
+postgres:
+	scripts/ensure-postgres
+
+test: install postgres
 	$(BIN)/python -m pytest -q
 
 bench: install

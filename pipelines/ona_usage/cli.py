@@ -16,10 +16,12 @@ from typing import Any
 from ona_usage import __version__, settings
 from ona_usage.client import OnaApiError
 from ona_usage.records import InvalidRecordError
+from ona_usage.pipeline import PipelineBusyError
 from ona_usage.settings import ConfigError, SyncSettings
 from ona_usage.windows import format_rfc3339
 
 logger = logging.getLogger("ona_usage")
+OUR_ERRORS = (OnaApiError, ConfigError, InvalidRecordError, PipelineBusyError)
 
 SYNC_OPTIONS = (
     "start_date",
@@ -32,6 +34,7 @@ SYNC_OPTIONS = (
     "lookback",
     "page_size",
     "workers",
+    "chunk",
     "allow_insecure_http",
 )
 
@@ -63,6 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(root_cause(exc), ConfigError) else 1
 
 
+CONFIG_HELP = (
+    "Every option can also be set under [sources.ona_usage] in .dlt/config.toml or as "
+    "SOURCES__ONA_USAGE__<OPTION> (e.g. SOURCES__ONA_USAGE__PAGE_SIZE). The API key comes from "
+    "ONA_API_KEY, GITPOD_API_KEY, SOURCES__ONA_USAGE__API_KEY or .dlt/secrets.toml, never from a flag."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ona-usage",
@@ -72,60 +82,113 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ona-usage {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
-    sync = commands.add_parser(
+    def command(name: str, run: Any, help: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description)
+        sub.set_defaults(run=run)
+        sub.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        sub.add_argument("--quiet", action="store_true", help="print only errors")
+        return sub
+
+    sync = command(
         "sync",
-        help="load new usage records (the scheduled job)",
-        description=(
-            "Load usage records completed since the last run (minus the lookback) into the destination, "
-            "merged on id. The first run starts at --start-date. Every option can also be set under "
-            "[sources.ona_usage] in .dlt/config.toml or as SOURCES__ONA_USAGE__<OPTION> (e.g. "
-            "SOURCES__ONA_USAGE__PAGE_SIZE). The API key comes from ONA_API_KEY, GITPOD_API_KEY, "
-            "SOURCES__ONA_USAGE__API_KEY or .dlt/secrets.toml, never from a flag."
-        ),
+        cmd_sync,
+        "load new usage records (the scheduled job)",
+        "Load usage records completed since the last run (less the lookback) into the destination, merged "
+        "on id, committing a chunk at a time. The first run starts at --start-date. " + CONFIG_HELP,
     )
     add_sync_arguments(sync)
-    sync.set_defaults(run=cmd_sync)
+    sync.add_argument("--dry-run", action="store_true", help="print the windows a sync would fetch, load nothing")
 
-    demo = commands.add_parser(
+    backfill = command(
+        "backfill",
+        cmd_backfill,
+        "load a date range once, without moving the scheduled cursor",
+        "Load every record with stoppedAt in [--start, --end), merged on id. Progress is committed a chunk "
+        "at a time: run the same command again after a crash and it continues after the last committed "
+        "chunk. The scheduled sync's cursor does not move. " + CONFIG_HELP,
+    )
+    add_range_arguments(backfill)
+    add_sync_arguments(backfill, start_date=False)
+
+    status = command(
+        "status",
+        cmd_status,
+        "show the cursor, the last load, the table and pending work",
+        "Where things stand: cursor and lookback, the next windows a sync would fetch, the last load, rows in "
+        "the table, backfills and pending load packages. --json prints a stable shape for monitoring.",
+    )
+    add_target_arguments(status)
+    status.add_argument("--json", action="store_true", help="print JSON (stable shape, see the README)")
+
+    verify = command(
+        "verify",
+        cmd_verify,
+        "compare the table with the API day by day (exit 1 on any difference)",
+        "Reconcile [--start, --end) day by day: records on each side, and the ids missing from the table, "
+        "extra in it, or stored with other values. Exit status 0 when they match, 1 when not. --repair "
+        "reloads the days that differ (a backfill) and checks again.",
+    )
+    add_range_arguments(verify)
+    add_sync_arguments(verify, start_date=False)
+    verify.add_argument("--repair", action="store_true", help="reload the days that differ, then verify again")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    reset = command(
+        "reset",
+        cmd_reset,
+        "drop the table and the sync state (asks for --yes)",
+        "Drop the environment_usage_records table and the sync's state (cursor, backfill progress) in the "
+        "destination and locally; the next sync starts from --start-date again.",
+    )
+    add_target_arguments(reset)
+    reset.add_argument("--yes", action="store_true", help="really drop them")
+
+    demo = command(
         "demo",
-        help="sync a synthetic organisation from the bundled emulator into DuckDB and query it",
-        description=(
-            "Without an API key: start the bundled API emulator with 90 days of synthetic usage, sync it "
-            "into ona_usage.duckdb, print a summary and an example query. With an API key: sync the real "
-            "API the same way."
-        ),
+        cmd_demo,
+        "sync a synthetic organisation from the bundled emulator into DuckDB and query it",
+        "Without an API key: start the bundled API emulator with 90 days of synthetic usage, sync it into "
+        "ona-usage.duckdb, print a summary and an example query. With an API key: sync the real API the same way.",
     )
     add_sync_arguments(demo)
     demo.add_argument("--records", type=int, default=30_000, help="synthetic records (default 30000)")
     demo.add_argument("--days", type=int, default=90, help="days of synthetic usage (default 90)")
-    demo.set_defaults(run=cmd_demo)
 
-    emulator = commands.add_parser(
+    emulator = command(
         "emulator",
-        help="serve the local API emulator (for tests and demos)",
-        description="Serve a local emulator of Ona's ListEnvironmentUsageRecords on 127.0.0.1.",
+        cmd_emulator,
+        "serve the local API emulator (for tests and demos)",
+        "Serve a local emulator of Ona's ListEnvironmentUsageRecords on 127.0.0.1.",
     )
     from ona_emulator.cli import add_arguments
 
     add_arguments(emulator)
-    emulator.set_defaults(run=cmd_emulator)
-
-    for sub in (sync, demo, emulator):
-        sub.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-        sub.add_argument("--quiet", action="store_true", help="print only errors")
     return parser
 
 
-def add_sync_arguments(parser: argparse.ArgumentParser) -> None:
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which pipeline, destination and dataset: enough to find the state and the table."""
     d = settings
-    parser.add_argument("--start-date", metavar="DATE", help="first run only: where to start (YYYY-MM-DD or ISO datetime, UTC; default: 30 days ago)")
-    parser.add_argument("--project-id", metavar="ID", help="only records of this project")
-    parser.add_argument("--base-url", metavar="URL", help=f"API base URL (default {d.DEFAULT_BASE_URL}; also https://app.ona.com/api)")
     parser.add_argument("--destination", metavar="NAME", help=f"dlt destination (default {d.DEFAULT_DESTINATION})")
     parser.add_argument("--dataset-name", metavar="NAME", help=f"dataset (schema) to load into (default {d.DEFAULT_DATASET_NAME})")
     parser.add_argument("--pipeline-name", metavar="NAME", help=f"dlt pipeline name; keys the cursor state (default {d.DEFAULT_PIPELINE_NAME})")
+
+
+def add_range_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--start", metavar="DATE", required=True, help="first day (inclusive), YYYY-MM-DD or ISO datetime, UTC")
+    parser.add_argument("--end", metavar="DATE", required=True, help="end (exclusive), YYYY-MM-DD or ISO datetime, UTC")
+
+
+def add_sync_arguments(parser: argparse.ArgumentParser, start_date: bool = True) -> None:
+    d = settings
+    if start_date:
+        parser.add_argument("--start-date", metavar="DATE", help="first run only: where to start (YYYY-MM-DD or ISO datetime, UTC; default: 30 days ago)")
+    parser.add_argument("--project-id", metavar="ID", help="only records of this project")
+    parser.add_argument("--base-url", metavar="URL", help=f"API base URL (default {d.DEFAULT_BASE_URL}; also https://app.ona.com/api)")
+    add_target_arguments(parser)
     parser.add_argument("--window", metavar="SIZE", help=f"date range per request, at most 1d (default {d.DEFAULT_WINDOW})")
-    parser.add_argument("--lookback", metavar="DURATION", help=f"re-read this much before the cursor to catch late records (default {d.DEFAULT_LOOKBACK})")
+    parser.add_argument("--lookback", metavar="DURATION", help=f"re-read this much of the last run's range to catch late records (default {d.DEFAULT_LOOKBACK})")
+    parser.add_argument("--chunk", metavar="DURATION", help=f"commit a load after this much of the range (default {d.DEFAULT_CHUNK})")
     parser.add_argument("--page-size", metavar="N", type=int, help=f"records per page, 1-100 (default {d.DEFAULT_PAGE_SIZE})")
     parser.add_argument("--workers", metavar="N", type=int, help=f"windows fetched at once (default {d.DEFAULT_WORKERS})")
     parser.add_argument(
@@ -140,24 +203,149 @@ def sync_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name, None) for name in SYNC_OPTIONS}
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
-    from ona_usage.pipeline import run_sync
-
+def resolve(args: argparse.Namespace) -> SyncSettings:
     config = settings.resolve(sync_overrides(args))
     _remember_secret(config.api_key)
-    result = run_sync(config)
+    return config
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from ona_usage.pipeline import make_pipeline, planned_windows, restore_state, run_sync
+
+    config = resolve(args)
+    if args.dry_run:
+        config.validate(require_key=False)
+        pipeline = make_pipeline(config)
+        restore_state(pipeline, config)
+        windows = planned_windows(pipeline, config)
+        print(f"A sync now would fetch {len(windows)} window(s); nothing is loaded:")
+        for window in windows:
+            print(f"  {window}")
+        return 0
+    result = _with_progress(args, "sync", lambda stats: run_sync(config, stats))
     if not args.quiet:
         print_summary(config, result)
     return 0
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from ona_usage.pipeline import run_backfill
+
+    config = resolve(args)
+    result = _with_progress(args, "backfill", lambda stats: run_backfill(config, args.start, args.end, stats))
+    if not args.quiet:
+        print(f"Backfill [{args.start}, {args.end}) done in {result.chunks} chunk(s); the scheduled cursor did not move.")
+        print_summary(config, result)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from ona_usage.status import collect_status
+
+    report = collect_status(resolve(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    last = report["last_load"] or {}
+    table = report["table_stats"]
+    lines = [
+        f"pipeline     {report['pipeline']} -> {report['destination']} dataset {report['dataset']!r}, table {report['table']}",
+        f"cursor       {report['cursor'] or 'none yet'} (newest stopped_at loaded); lookback {report['lookback']}",
+        f"fetched      through {report['fetched_through'] or 'nothing yet'}",
+        f"next sync    {report['next_sync']['windows']} window(s) from {report['next_sync']['start']}",
+        f"last load    {last.get('finished_at') or 'none'}"
+        + (f", {last['rows']:,} rows" if last else "")
+        + (f", {last['seconds']} s" if last.get("seconds") is not None else ""),
+        f"table        {table['rows']:,} rows, stopped_at {table['first_stopped_at']} .. {table['last_stopped_at']}",
+    ]
+    for backfill in report["backfills"]:
+        state = "done" if backfill["done"] else f"unfinished, committed through {backfill['through']}"
+        lines.append(f"backfill     [{backfill['start']}, {backfill['end']}) project {backfill['project_id'] or 'all'}: {state}")
+    pending = report["pending_load_packages"]
+    lines.append(f"pending      {', '.join(pending) if pending else 'no pending load packages'}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from ona_usage.client import UsageClient
+    from ona_usage.pipeline import make_pipeline, restore_state, run_backfill
+    from ona_usage.verify import reconcile
+
+    config = resolve(args)
+    config.validate()
+    start, end = settings.parse_date(args.start, "--start"), settings.parse_date(args.end, "--end")
+    if end <= start:
+        raise ConfigError(f"--end {args.end!r} must be after --start {args.start!r}")
+
+    def check() -> list:
+        with UsageClient(config.api_key, config.base_url, page_size=int(config.page_size),
+                         allow_insecure_http=config.allow_insecure_http) as client:
+            pipeline = make_pipeline(config)
+            restore_state(pipeline, config)
+            return reconcile(client, pipeline, start, end, config.project_id)
+
+    reports = check()
+    bad = [r for r in reports if not r.ok]
+    if bad and args.repair:
+        for report in bad:
+            run_backfill(config, report.window.start.isoformat(), report.window.end.isoformat())
+        print(f"Repaired {len(bad)} day(s) with a backfill; verifying again.", file=sys.stderr)
+        reports = check()
+        bad = [r for r in reports if not r.ok]
+    if args.json:
+        print(json.dumps({"ok": not bad, "days": [r.as_dict() for r in reports]}, indent=2))
+    else:
+        for r in reports:
+            mark = "ok " if r.ok else "DIFF"
+            line = f"{mark} {r.window.start.to_date_string()}  api {r.api:>6}  warehouse {r.warehouse:>6}"
+            if not r.ok:
+                line += f"  missing {len(r.missing)}  extra {len(r.extra)}  changed {len(r.changed)}"
+                for label, ids in (("missing", r.missing), ("extra", r.extra), ("changed", r.changed)):
+                    if ids:
+                        line += f"\n      {label}: {', '.join(ids[:10])}" + (" ..." if len(ids) > 10 else "")
+            print(line)
+        total_api, total_wh = sum(r.api for r in reports), sum(r.warehouse for r in reports)
+        verdict = "match" if not bad else f"differ on {len(bad)} of {len(reports)} day(s)"
+        print(f"API {total_api:,} records, warehouse {total_wh:,} rows: {verdict}")
+    return 1 if bad else 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    from ona_usage.pipeline import reset
+
+    config = resolve(args)
+    if not args.yes:
+        print(
+            f"This drops table environment_usage_records in dataset {config.dataset_name!r} of "
+            f"{config.destination} and the sync state of pipeline {config.pipeline_name!r}; the next sync "
+            "starts again from --start-date. Run `ona-usage reset --yes` to do it. Nothing was changed."
+        )
+        return 0
+    dropped = reset(config)
+    print("Dropped the table and the sync state." if dropped else "Nothing to reset: this pipeline never loaded.")
+    return 0
+
+
+def _with_progress(args: argparse.Namespace, label: str, run: Any) -> Any:
+    from ona_usage.progress import ProgressReporter, choose_mode
+    from ona_usage.source import ExtractStats
+
+    mode = choose_mode(args.quiet)
+    with ProgressReporter(mode, label) as progress:
+        return run(ExtractStats(on_window=progress.on_window))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ona_usage.pipeline import run_sync
 
-    config = settings.resolve(sync_overrides(args))
+    config = resolve(args)
     if config.api_key:
-        _remember_secret(config.api_key)
-        result = run_sync(config)
+        result = _with_progress(args, "sync", lambda stats: run_sync(config, stats))
     else:
         import pendulum
         from ona_emulator import EmulatorServer, UsageStore, generate_organisation
@@ -166,11 +354,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         start = end.subtract(days=args.days)
         store = UsageStore(generate_organisation(42, start, end, args.records))
         with EmulatorServer(store) as server:
-            print(f"No API key given: syncing {args.records:,} synthetic records from the local emulator at {server.url}")
+            print(f"No API key given: syncing {len(store.records()):,} synthetic records from the local emulator at {server.url}")
             config.base_url = server.url
             config.api_key = server.api_key
             config.start_date = config.start_date or start.to_date_string()
-            result = run_sync(config)
+            result = _with_progress(args, "sync", lambda stats: run_sync(config, stats))
     print_summary(config, result)
     print_example_query(config)
     return 0
@@ -189,9 +377,9 @@ def print_summary(config: SyncSettings, result: Any) -> None:
     print(f"Loaded {result.rows_loaded:,} rows into {where}")
     print(
         f"Fetched {result.windows:,} windows, {result.pages:,} pages in {result.requests:,} requests "
-        f"({result.retries} retries)"
+        f"({result.retries} retries), committed in {result.chunks} load(s)"
     )
-    print(f"Cursor (newest stopped_at): {cursor}; the next run re-reads from {config.lookback} before it")
+    print(f"Cursor (newest stopped_at): {cursor}; lookback {config.lookback}")
     print(f"Took {result.seconds:.1f} s")
 
 
@@ -219,7 +407,7 @@ def _format_table(header: list[str], rows: Sequence[Sequence[Any]]) -> str:
 def describe_error(exc: BaseException) -> str:
     """The message of the error that explains the failure, not of dlt's wrappers around it."""
     cause = root_cause(exc)
-    if isinstance(cause, (OnaApiError, ConfigError, InvalidRecordError)):
+    if isinstance(cause, OUR_ERRORS):
         return str(cause)
     return f"{type(cause).__name__}: {cause}".splitlines()[0]
 
@@ -232,10 +420,13 @@ def root_cause(exc: BaseException) -> BaseException:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         found = current
-        if isinstance(current, (OnaApiError, ConfigError, InvalidRecordError)):
+        if isinstance(current, OUR_ERRORS):
             return current
         inner = getattr(current, "exception", None)
-        current = inner if isinstance(inner, BaseException) else (current.__cause__ or current.__context__)
+        if isinstance(inner, BaseException):
+            current = inner
+        else:
+            current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return found
 
 
@@ -264,7 +455,8 @@ class _ScrubSecrets(logging.Filter):
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.WARNING
+    # In a terminal the live progress shows what INFO lines would; elsewhere they are the progress.
+    level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.WARNING if sys.stderr.isatty() else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_ScrubSecrets())

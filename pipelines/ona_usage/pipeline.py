@@ -74,6 +74,9 @@ class SyncState:
 
 def make_pipeline(settings: SyncSettings, destination: Destination | None = None) -> dlt.Pipeline:
     """A pipeline whose state and data live in the configured destination and dataset."""
+    # Arrow tables skip dlt's row normalizer, which would add `_dlt_load_id`; ask for it, so
+    # every row says which load wrote it (and `status` can count the last load's rows).
+    dlt.config["normalize.parquet_normalizer.add_dlt_load_id"] = True
     return dlt.pipeline(
         pipeline_name=settings.pipeline_name,
         destination=destination or make_destination(settings),
@@ -113,6 +116,13 @@ def duckdb_path() -> str:
     return DEFAULT_DUCKDB_FILE
 
 
+def restore_state(pipeline: dlt.Pipeline, settings: SyncSettings) -> None:
+    """Bring the local state up to the destination's, without creating an empty DuckDB file."""
+    if settings.destination == "duckdb" and not Path(duckdb_path()).exists():
+        return
+    pipeline.sync_destination()
+
+
 def run_sync(settings: SyncSettings, stats: ExtractStats | None = None) -> SyncResult:
     """The scheduled run: from the state (or `start_date`) to now, a chunk per load."""
     return _run(settings, stats, backfill=None)
@@ -145,8 +155,10 @@ def _run(
         settings.api_key,
         settings.base_url,
         page_size=int(settings.page_size),
+        max_attempts=int(settings.max_attempts),
         allow_insecure_http=settings.allow_insecure_http,
     ) as client:
+        stats.retries = lambda: client.retries
         # A bad key or URL fails here, before anything touches the destination or the state.
         client.check_access()
         with pipeline_lock(settings):
@@ -199,6 +211,19 @@ def _run_chunks(
             break
         logger.info("committed chunk %d (%d of %d windows)", result.chunks, stats.windows_done, stats.windows_total)
     result.cursor = read_state(pipeline).cursor
+
+
+def reset(settings: SyncSettings) -> bool:
+    """Drop the table and the resource's state, in the destination and locally (dlt's drop)."""
+    from dlt.pipeline.helpers import pipeline_drop
+
+    with pipeline_lock(settings):
+        pipeline = make_pipeline(settings)
+        restore_state(pipeline, settings)
+        if not pipeline.default_schema_name:
+            return False
+        pipeline_drop(pipeline, resources=[RESOURCE_NAME])()
+        return True
 
 
 def chunk_windows(settings: SyncSettings) -> int:

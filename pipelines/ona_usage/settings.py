@@ -15,7 +15,7 @@ from dlt.common.configuration import configspec, resolve_configuration
 from dlt.common.configuration.specs import BaseConfiguration
 from dlt.common.typing import TSecretStrValue
 
-from ona_usage.client import DEFAULT_BASE_URL, MAX_PAGE_SIZE, check_base_url
+from ona_usage.client import DEFAULT_BASE_URL, DEFAULT_MAX_ATTEMPTS, MAX_PAGE_SIZE, check_base_url
 from ona_usage.windows import parse_duration, parse_window_size, to_utc
 
 SECTIONS = ("sources", "ona_usage")
@@ -52,6 +52,7 @@ class SyncSettings(BaseConfiguration):
     page_size: int = DEFAULT_PAGE_SIZE
     workers: int = DEFAULT_WORKERS
     chunk: str = DEFAULT_CHUNK
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     destination: str = DEFAULT_DESTINATION
     dataset_name: str = DEFAULT_DATASET_NAME
     pipeline_name: str = DEFAULT_PIPELINE_NAME
@@ -71,6 +72,8 @@ class SyncSettings(BaseConfiguration):
             raise ConfigError(f"chunk {self.chunk!r} must be positive, e.g. 7d")
         if not 1 <= int(self.page_size) <= MAX_PAGE_SIZE:
             raise ConfigError(f"page size {self.page_size} must be between 1 and {MAX_PAGE_SIZE}")
+        if not 1 <= int(self.max_attempts) <= 20:
+            raise ConfigError(f"max_attempts {self.max_attempts} must be between 1 and 20")
         if not 1 <= int(self.workers) <= 32:
             raise ConfigError(f"workers {self.workers} must be between 1 and 32")
         for name in ("dataset_name", "pipeline_name", "destination"):

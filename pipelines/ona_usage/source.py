@@ -44,6 +44,7 @@ class ExtractStats:
         self.pages = 0
         self.records = 0
         self.more = False  # the last run stopped at its chunk's end, before "now" or the backfill's end
+        self.retries: Callable[[], int] = lambda: 0  # the client's retry count, once there is a client
 
     def window_done(self, window: Window, pages: int, records: int) -> None:
         self.windows_done += 1

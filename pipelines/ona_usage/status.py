@@ -1,0 +1,105 @@
+"""Where things stand: the state, the table and pending work, as one JSON-ready dict.
+
+The shape is stable (documented in the README) so monitoring can read `ona-usage status --json`.
+Times are RFC 3339 UTC strings or null.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import dlt
+from dlt.destinations.exceptions import DatabaseUndefinedRelation
+
+from ona_usage.pipeline import make_pipeline, planned_windows, read_state, restore_state
+from ona_usage.settings import SyncSettings
+from ona_usage.source import RESOURCE_NAME
+from ona_usage.windows import format_rfc3339
+
+STATUS_VERSION = 1
+
+
+def collect_status(settings: SyncSettings) -> dict[str, Any]:
+    pipeline = make_pipeline(settings)
+    restore_state(pipeline, settings)  # a fresh machine reads the state stored with the data
+    state = read_state(pipeline)
+    windows = planned_windows(pipeline, settings)
+    trace = pipeline.last_trace
+    return {
+        "version": STATUS_VERSION,
+        "pipeline": settings.pipeline_name,
+        "destination": settings.destination,
+        "dataset": settings.dataset_name,
+        "table": RESOURCE_NAME,
+        "cursor": _time(state.cursor),
+        "fetched_through": _time(state.fetched_through),
+        "lookback": settings.lookback,
+        "next_sync": {
+            "windows": len(windows),
+            "start": _time(windows[0].start) if windows else None,
+            "end": _time(windows[-1].end) if windows else None,
+        },
+        "last_load": _last_load(pipeline, trace),
+        "table_stats": _table_stats(pipeline),
+        "backfills": [
+            {
+                "start": key.split("/")[0],
+                "end": key.split("/")[1],
+                "project_id": None if key.split("/")[2] == "*" else key.split("/")[2],
+                "through": _time(progress.get("through")),
+                "done": bool(progress.get("done")),
+            }
+            for key, progress in sorted(state.backfills.items())
+        ],
+        "pending_load_packages": sorted(
+            [*pipeline.list_extracted_load_packages(), *pipeline.list_normalized_load_packages()]
+        ),
+    }
+
+
+def _last_load(pipeline: dlt.Pipeline, trace: Any) -> dict[str, Any] | None:
+    """The newest completed load in the destination; rows and duration from the local trace."""
+    row = _query(pipeline, "SELECT load_id, inserted_at FROM {loads} WHERE status = 0 ORDER BY inserted_at DESC LIMIT 1")
+    if not row:
+        return None
+    load_id, inserted_at = row[0]
+    rows = _query(pipeline, "SELECT count(*) FROM {table} WHERE _dlt_load_id = %s", load_id)
+    seconds = None
+    if trace is not None and trace.finished_at and load_id in {str(i) for i in _trace_load_ids(trace)}:
+        seconds = round((trace.finished_at - trace.started_at).total_seconds(), 3)
+    return {
+        "load_id": load_id,
+        "finished_at": _time(inserted_at),
+        "rows": rows[0][0] if rows else 0,
+        "seconds": seconds,
+    }
+
+
+def _trace_load_ids(trace: Any) -> list[str]:
+    info = trace.last_load_info
+    return list(info.loads_ids) if info else []
+
+
+def _table_stats(pipeline: dlt.Pipeline) -> dict[str, Any]:
+    row = _query(pipeline, "SELECT count(*), min(stopped_at), max(stopped_at) FROM {table}")
+    count, first, last = row[0] if row else (0, None, None)
+    return {"rows": count, "first_stopped_at": _time(first), "last_stopped_at": _time(last)}
+
+
+def _query(pipeline: dlt.Pipeline, sql: str, *args: Any) -> list[tuple] | None:
+    if not pipeline.default_schema_name:
+        return None  # never ran here or in the destination
+    try:
+        with pipeline.sql_client() as client:
+            text = sql.format(
+                table=client.make_qualified_table_name(RESOURCE_NAME),
+                loads=client.make_qualified_table_name("_dlt_loads"),
+            )
+            return list(client.execute_sql(text, *args) or [])
+    except DatabaseUndefinedRelation:
+        return None
+
+
+def _time(value: Any) -> str | None:
+    return format_rfc3339(value) if isinstance(value, datetime) else None
