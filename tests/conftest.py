@@ -88,7 +88,11 @@ def table_rows(path: Path | str, dataset: str = "ona_usage") -> list[tuple]:
 
 def assert_table_equals(path: Path | str, records: list[dict[str, Any]], dataset: str = "ona_usage") -> None:
     """Same ids, same values, each id once."""
-    rows = table_rows(path, dataset)
+    assert_rows_equal(table_rows(path, dataset), records)
+
+
+def assert_rows_equal(rows: list[tuple], records: list[dict[str, Any]]) -> None:
+    """Rows (in COLUMNS order) hold each record once, with its values; timestamps in any zone."""
     ids = [row[0] for row in rows]
     assert len(ids) == len(set(ids)), "duplicate ids in the table"
     actual = {row[0]: tuple(v.astimezone(timezone.utc) if isinstance(v, datetime) else v for v in row) for row in rows}

@@ -26,7 +26,7 @@ import pytest
 
 from ona_emulator import EmulatorServer
 from ona_usage import settings
-from ona_usage.pipeline import SyncResult, make_pipeline, read_cursor, run_sync
+from ona_usage.pipeline import SyncResult, make_pipeline, read_cursor, read_state, run_backfill, run_sync
 from ona_usage.windows import format_rfc3339
 
 import pg_server
@@ -203,3 +203,31 @@ def _records(stopped: pendulum.DateTime, count: int, prefix: str) -> list[dict[s
         }
         for i in range(count)
     ]
+
+
+def test_backfill_into_postgres_leaves_the_schedule_alone_and_resumes_after_a_failure(pg_url, store, emulator):
+    store.add(recent_records(900, days=24))
+    today = pendulum.now("UTC").start_of("day")
+    sync(emulator, start_date=today.subtract(days=2).to_date_string())
+    before = read_state(make_pipeline(settings.resolve({"destination": "postgres"})))
+    config = settings.resolve({"destination": "postgres", "base_url": emulator.url, "chunk": "4d", "max_attempts": 1, "workers": 1})
+    config.api_key = API_KEY
+    start, end = today.subtract(days=20), today.subtract(days=4)
+
+    # the API breaks in the third chunk: two chunks stay committed
+    emulator.fault = lambda request: (
+        (500, b"{}", {}) if (request.get("body") or {}).get("filter", {}).get("dateRange", {}).get("startTime", "")
+        >= format_rfc3339(start.add(days=8)) and request["body"]["pagination"]["pageSize"] != 1 else None
+    )
+    with pytest.raises(Exception):
+        run_backfill(config, start.to_date_string(), end.to_date_string())
+    assert_pg_table_equals(pg_url, store.records(start=start, end=start.add(days=8)) + store.records(start=today.subtract(days=2)))
+
+    emulator.fault = None
+    emulator.reset_requests()
+    run_backfill(config, start.to_date_string(), end.to_date_string())
+
+    assert min(s for s, _ in request_ranges(emulator)) == format_rfc3339(start.add(days=8))
+    assert_pg_table_equals(pg_url, store.records(start=start, end=end) + store.records(start=today.subtract(days=2)))
+    after = read_state(make_pipeline(settings.resolve({"destination": "postgres"})))
+    assert (after.cursor, after.fetched_through) == (before.cursor, before.fetched_through)

@@ -203,6 +203,9 @@ def _run_chunks(
             backfill=key,
             **options,
         )
+        if settings.destination == "filesystem":
+            # Plain Parquet files cannot be merged into; Delta tables can, on `id` like elsewhere.
+            source.resources[RESOURCE_NAME].apply_hints(table_format="delta")
         result.load_infos.append(pipeline.run(source))
         result.chunks += 1
         normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
