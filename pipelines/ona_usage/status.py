@@ -6,6 +6,7 @@ Times are RFC 3339 UTC strings or null.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ from ona_usage.source import RESOURCE_NAME
 from ona_usage.windows import format_rfc3339
 
 STATUS_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
 def collect_status(settings: SyncSettings) -> dict[str, Any]:
@@ -98,6 +100,9 @@ def _query(pipeline: dlt.Pipeline, sql: str, *args: Any) -> list[tuple] | None:
             )
             return list(client.execute_sql(text, *args) or [])
     except DatabaseUndefinedRelation:
+        return None
+    except Exception as exc:  # the rest of the report is still worth having
+        logger.warning("could not query the destination for status: %s", str(exc).splitlines()[0])
         return None
 
 
