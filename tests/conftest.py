@@ -15,6 +15,7 @@ import pendulum
 import pytest
 
 from ona_emulator import EmulatorServer, UsageStore, generate_records, parse_rfc3339_ns
+from ona_usage.windows import format_rfc3339
 
 API_KEY = "test-key-5f3e9a1c-do-not-print"
 COLUMNS = (
@@ -107,3 +108,32 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     full_env.update(env or {})
     exe = Path(sys.executable).with_name("ona-usage")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300)
+
+
+def make_records(stopped: pendulum.DateTime, count: int, prefix: str) -> list[dict[str, Any]]:
+    """`count` records with ids `prefix-N` stopping a second apart from `stopped`."""
+    return [
+        {
+            "id": f"{prefix}-{i}",
+            "createdAt": format_rfc3339(stopped.subtract(hours=1)),
+            "stoppedAt": format_rfc3339(stopped.add(seconds=i)),
+            "environmentClassId": "class-1",
+            "environmentId": f"env-{prefix}-{i}",
+            "projectId": "project-1",
+            "runnerId": "runner-1",
+            "userId": "user-1",
+        }
+        for i in range(count)
+    ]
+
+
+def request_ranges(emulator: EmulatorServer) -> list[tuple[str, str]]:
+    """The dateRange of every list request after the access check (which asks for pageSize 1)."""
+    ranges = []
+    for request in emulator.requests:
+        body = request["body"] or {}
+        if body.get("pagination", {}).get("pageSize") == 1:
+            continue
+        date_range = body["filter"]["dateRange"]
+        ranges.append((date_range["startTime"], date_range["endTime"]))
+    return ranges

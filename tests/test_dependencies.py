@@ -12,7 +12,7 @@ import pyarrow as pa
 from ona_usage import settings
 from ona_usage.pipeline import make_pipeline
 
-from conftest import API_KEY, recent_records
+from conftest import recent_records
 from test_sync import sync
 
 LOCK = Path(__file__).parent.parent / "requirements.lock"

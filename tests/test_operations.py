@@ -20,8 +20,8 @@ from ona_usage import settings
 from ona_usage.pipeline import make_pipeline, pipeline_lock, read_state, run_backfill, run_sync
 from ona_usage.windows import format_rfc3339
 
-from conftest import API_KEY, assert_table_equals, recent_records, run_cli, table_rows
-from test_sync import DB, _records, request_ranges, sync
+from conftest import API_KEY, assert_table_equals, make_records, recent_records, request_ranges, run_cli, table_rows
+from test_sync import DB, sync
 
 
 def config(emulator: Any, **options: Any) -> settings.SyncSettings:
@@ -150,7 +150,7 @@ def test_a_failed_load_is_finished_by_the_next_run(workdir, store, emulator, mon
         sync(emulator, start_date=pendulum.now("UTC").subtract(days=4).to_date_string())
     assert make_pipeline(settings.resolve({})).has_pending_data
 
-    store.add(_records(pendulum.now("UTC").subtract(minutes=5), 4, "newer"))
+    store.add(make_records(pendulum.now("UTC").subtract(minutes=5), 4, "newer"))
     sync(emulator)
 
     assert_table_equals(workdir / DB, store.records())
@@ -178,7 +178,7 @@ def test_verify_finds_missing_extra_and_changed_ids_and_repair_fixes_them(workdi
     assert "match" in clean.stdout.splitlines()[-1]
 
     old = store.records(end=start.add(days=2))
-    late = _records(start.add(days=1, hours=3), 2, "late")  # far behind the lookback
+    late = make_records(start.add(days=1, hours=3), 2, "late")  # far behind the lookback
     changed = dict(old[0], environmentClassId="resized")
     store.add(late)
     store.upsert([changed])

@@ -30,7 +30,7 @@ from ona_usage.pipeline import SyncResult, make_pipeline, read_cursor, read_stat
 from ona_usage.windows import format_rfc3339
 
 import pg_server
-from conftest import API_KEY, COLUMNS, expected_rows, recent_records
+from conftest import API_KEY, COLUMNS, assert_rows_equal, make_records, recent_records, request_ranges
 
 TABLE = "ona_usage.environment_usage_records"
 SERVER_TIMEZONE = "Asia/Kolkata"  # +05:30 all year: any local-time mix-up moves every value
@@ -91,27 +91,7 @@ def pg_table_rows(url: str) -> list[tuple]:
 
 
 def assert_pg_table_equals(url: str, records: list[dict[str, Any]]) -> None:
-    """Same ids, same values, each id once."""
-    rows = pg_table_rows(url)
-    ids = [row[0] for row in rows]
-    assert len(ids) == len(set(ids)), "duplicate ids in the table"
-    actual = {row[0]: row for row in rows}
-    expected = expected_rows(records)
-    assert actual.keys() == expected.keys()
-    assert actual == expected
-
-
-def request_ranges(emulator: EmulatorServer) -> list[tuple[str, str]]:
-    """The dateRange of every list request after the access check (which asks for pageSize 1)."""
-    ranges = []
-    for request in emulator.requests:
-        body = request["body"] or {}
-        if body.get("pagination", {}).get("pageSize") == 1:
-            continue
-        date_range = body["filter"]["dateRange"]
-        ranges.append((date_range["startTime"], date_range["endTime"]))
-    return ranges
-
+    assert_rows_equal(pg_table_rows(url), records)
 
 def test_first_sync_over_several_days_and_pages_loads_exactly_the_api_records(pg_url, store, emulator):
     store.add(recent_records(1_200, days=5))
@@ -129,13 +109,13 @@ def test_first_sync_over_several_days_and_pages_loads_exactly_the_api_records(pg
 
 def test_second_run_loads_only_new_and_late_records_inside_the_lookback(pg_url, store, emulator):
     # one record a minute ago, so the cursor is recent and "late" below means before the cursor
-    store.add(recent_records(400, days=3) + _records(pendulum.now("UTC").subtract(minutes=1), 1, "recent"))
+    store.add(recent_records(400, days=3) + make_records(pendulum.now("UTC").subtract(minutes=1), 1, "recent"))
     sync(emulator, start_date=pendulum.now("UTC").subtract(days=4).to_date_string(), lookback="2h")
     cursor, first_run_done = cursor_now(), pendulum.now("UTC")
 
-    new = _records(first_run_done.subtract(seconds=5), 5, "new")  # after the cursor, before the next run
-    late_inside = _records(cursor.subtract(minutes=90), 2, "late-inside")  # inside the 2h lookback
-    late_outside = _records(cursor.subtract(hours=5), 1, "late-outside")  # only a backfill sees it
+    new = make_records(first_run_done.subtract(seconds=5), 5, "new")  # after the cursor, before the next run
+    late_inside = make_records(cursor.subtract(minutes=90), 2, "late-inside")  # inside the 2h lookback
+    late_outside = make_records(cursor.subtract(hours=5), 1, "late-outside")  # only a backfill sees it
     store.add(new + late_inside + late_outside)
     emulator.reset_requests()
 
@@ -151,14 +131,14 @@ def test_second_run_loads_only_new_and_late_records_inside_the_lookback(pg_url, 
 
 
 def test_a_fresh_runner_resumes_from_the_state_stored_in_postgres(pg_url, workdir, store, emulator):
-    store.add(recent_records(300, days=3) + _records(pendulum.now("UTC").subtract(minutes=1), 1, "recent"))
+    store.add(recent_records(300, days=3) + make_records(pendulum.now("UTC").subtract(minutes=1), 1, "recent"))
     sync(emulator, start_date=pendulum.now("UTC").subtract(days=4).to_date_string())
     cursor, first_run_done = cursor_now(), pendulum.now("UTC")
     # the runner's disk is gone; the database, with dlt's state table, is not
     shutil.rmtree(workdir / "dlt-data")
     assert query(pg_url, "SELECT count(*) FROM ona_usage._dlt_pipeline_state WHERE pipeline_name = 'ona_usage'")[0][0]
 
-    store.add(_records(first_run_done.subtract(seconds=5), 3, "after"))
+    store.add(make_records(first_run_done.subtract(seconds=5), 3, "after"))
     emulator.reset_requests()
     result = sync(emulator)  # no start date: without the stored state it would start 30 days back
 
@@ -187,22 +167,6 @@ def test_column_types_and_one_row_per_id_after_rereading_everything(pg_url, stor
     total, distinct = query(pg_url, f"SELECT count(*), count(DISTINCT id) FROM {TABLE}")[0]
     assert total == distinct == 300
     assert_pg_table_equals(pg_url, store.records())
-
-
-def _records(stopped: pendulum.DateTime, count: int, prefix: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": f"{prefix}-{i}",
-            "createdAt": format_rfc3339(stopped.subtract(hours=1)),
-            "stoppedAt": format_rfc3339(stopped.add(seconds=i)),
-            "environmentClassId": "class-1",
-            "environmentId": f"env-{prefix}-{i}",
-            "projectId": "project-1",
-            "runnerId": "runner-1",
-            "userId": "user-1",
-        }
-        for i in range(count)
-    ]
 
 
 def test_backfill_into_postgres_leaves_the_schedule_alone_and_resumes_after_a_failure(pg_url, store, emulator):

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 import duckdb
 import pendulum
 import pytest
 
-from ona_emulator import EmulatorServer, UsageStore
+from ona_emulator import EmulatorServer
 from ona_usage import settings
 from ona_usage.pipeline import SyncResult, make_pipeline, read_cursor, read_state, run_sync
 from ona_usage.windows import format_rfc3339
 
-from conftest import API_KEY, assert_table_equals, recent_records, table_rows
+from conftest import API_KEY, assert_table_equals, make_records, recent_records, request_ranges, table_rows
 
 DB = "ona-usage.duckdb"
 
@@ -24,18 +23,6 @@ def sync(emulator: EmulatorServer, **options: Any) -> SyncResult:
     config = settings.resolve({"base_url": emulator.url, **options})
     config.api_key = API_KEY
     return run_sync(config)
-
-
-def request_ranges(emulator: EmulatorServer) -> list[tuple[str, str]]:
-    """The dateRange of every list request after the access check (which asks for pageSize 1)."""
-    ranges = []
-    for request in emulator.requests:
-        body = request["body"] or {}
-        if body.get("pagination", {}).get("pageSize") == 1:
-            continue
-        date_range = body["filter"]["dateRange"]
-        ranges.append((date_range["startTime"], date_range["endTime"]))
-    return ranges
 
 
 def test_sync_over_many_windows_and_pages_loads_exactly_the_api_records(workdir, store, emulator):
@@ -62,10 +49,10 @@ def test_second_run_loads_only_new_and_late_records_inside_the_lookback(workdir,
     cursor, fetched_at = pendulum.instance(state.cursor), pendulum.instance(state.fetched_at)
     assert state.fetched_through == state.fetched_at  # a scheduled run fetches up to "now"
 
-    new = _records(cursor.add(seconds=1), 5, "new")
+    new = make_records(cursor.add(seconds=1), 5, "new")
     # became visible only after the first run, with a stoppedAt inside the 2h lookback
-    late_inside = _records(min(cursor, fetched_at.subtract(minutes=90)), 2, "late-inside")
-    late_outside = _records(fetched_at.subtract(hours=5), 1, "late-outside")  # only a backfill sees it
+    late_inside = make_records(min(cursor, fetched_at.subtract(minutes=90)), 2, "late-inside")
+    late_outside = make_records(fetched_at.subtract(hours=5), 1, "late-outside")  # only a backfill sees it
     store.add(new + late_inside + late_outside)
     emulator.reset_requests()
 
@@ -89,7 +76,7 @@ def test_a_fresh_runner_resumes_from_the_state_in_the_destination(workdir, store
     cursor, fetched_at = pendulum.instance(state.cursor), pendulum.instance(state.fetched_at)
     shutil.rmtree(workdir / "dlt-data")  # the runner's disk is gone; the DuckDB file is not
 
-    store.add(_records(cursor.add(seconds=1), 3, "after"))
+    store.add(make_records(cursor.add(seconds=1), 3, "after"))
     emulator.reset_requests()
     result = sync(emulator)
 
@@ -148,7 +135,7 @@ def test_a_failed_run_leaves_table_and_cursor_as_they_were(workdir, store, emula
     before_cursor = read_cursor(make_pipeline(settings.resolve({})))
 
     # new data in many windows, and the API breaks after the first few requests
-    store.add(_records(pendulum.now("UTC").subtract(minutes=30), 3, "new"))
+    store.add(make_records(pendulum.now("UTC").subtract(minutes=30), 3, "new"))
     calls = {"n": 0}
 
     def fail_later(request: Any) -> Any:
@@ -195,19 +182,3 @@ def test_rows_repeated_across_runs_end_up_once_with_the_latest_values(workdir, s
         assert conn.execute(
             "SELECT environment_class_id FROM ona_usage.environment_usage_records WHERE id = ?", [changed["id"]]
         ).fetchone() == ("bigger-class",)
-
-
-def _records(stopped: pendulum.DateTime, count: int, prefix: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": f"{prefix}-{i}",
-            "createdAt": format_rfc3339(stopped.subtract(hours=1)),
-            "stoppedAt": format_rfc3339(stopped.add(seconds=i)),
-            "environmentClassId": "class-1",
-            "environmentId": f"env-{prefix}-{i}",
-            "projectId": "project-1",
-            "runnerId": "runner-1",
-            "userId": "user-1",
-        }
-        for i in range(count)
-    ]
