@@ -29,12 +29,14 @@ from ona_usage.settings import ConfigError, SyncSettings, parse_date
 from ona_usage.source import (
     CURSOR_COLUMN,
     RESOURCE_NAME,
+    Chunk,
     ExtractStats,
+    WindowFetcher,
     backfill_key,
     ona_usage,
     resume_point,
 )
-from ona_usage.windows import Window, parse_duration, parse_window_size, tile, to_utc
+from ona_usage.windows import Window, format_rfc3339, parse_duration, parse_window_size, tile, to_utc
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,27 @@ def make_destination(settings: SyncSettings) -> Destination:
         ) from None
 
 
+@contextmanager
+def open_destination(settings: SyncSettings, destination: Destination) -> Iterator[Destination]:
+    """For DuckDB, one connection for all of a command's loads, closed (and checkpointed) once.
+
+    dlt opens and closes a connection per load job otherwise, and each close checkpoints the
+    file: with a load per chunk that was a third of a year's sync.
+    """
+    if settings.destination != "duckdb":
+        yield destination
+        return
+    import duckdb
+
+    connection = duckdb.connect(duckdb_path())
+    # DuckDB would take up to 80% of RAM as cache; a chunk's merge needs a small part of it.
+    connection.execute("SET memory_limit = ?", [settings.duckdb_memory_limit])
+    try:
+        yield dlt.destinations.duckdb(credentials=connection)
+    finally:
+        connection.close()
+
+
 def duckdb_path() -> str:
     """dlt's `destination.duckdb.credentials` if set (env or .dlt/), else the default file."""
     for accessor in (dlt.secrets, dlt.config):
@@ -161,8 +184,8 @@ def _run(
         stats.retries = lambda: client.retries
         # A bad key or URL fails here, before anything touches the destination or the state.
         client.check_access()
-        with pipeline_lock(settings):
-            _run_chunks(client, make_pipeline(settings, destination), settings, stats, backfill, result)
+        with pipeline_lock(settings), open_destination(settings, destination) as opened:
+            _run_chunks(client, make_pipeline(settings, opened), settings, stats, backfill, result)
     result.windows, result.pages = stats.windows_done, stats.pages
     result.requests, result.retries = client.requests, client.retries
     result.seconds = time.monotonic() - started
@@ -177,42 +200,40 @@ def _run_chunks(
     backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None,
     result: SyncResult,
 ) -> None:
-    """One dlt load per chunk until the range is done; each commits its rows and progress."""
+    """Plan the range once, then one dlt load per chunk; each commits its rows and progress."""
     finish_pending(pipeline)
     pipeline.sync_destination()
     key = backfill_key(*backfill, settings.project_id) if backfill else None
-    stats.windows_total = len(planned_windows(pipeline, settings, backfill))
-    max_windows = chunk_windows(settings)
-    while True:
-        options: dict[str, Any] = {}
-        if backfill:
-            progress = read_state(pipeline).backfills.get(key, {})
-            if progress.get("done"):
-                break
-            options = {"start_date": progress.get("through") or backfill[0], "end_date": backfill[1]}
-        else:
-            options = {"start_date": settings.start_date}
-        source = ona_usage(
-            client=client,
-            stats=stats,
-            project_id=settings.project_id,
-            window=settings.window,
-            lookback=settings.lookback,
-            workers=int(settings.workers),
-            max_windows=max_windows,
-            backfill=key,
-            **options,
-        )
-        if settings.destination == "filesystem":
-            # Plain Parquet files cannot be merged into; Delta tables can, on `id` like elsewhere.
-            source.resources[RESOURCE_NAME].apply_hints(table_format="delta")
-        result.load_infos.append(pipeline.run(source))
-        result.chunks += 1
-        normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
-        result.rows_loaded += normalize.row_counts.get(RESOURCE_NAME, 0) if normalize else 0
-        if not stats.more:
-            break
-        logger.info("committed chunk %d (%d of %d windows)", result.chunks, stats.windows_done, stats.windows_total)
+    now = pendulum.now("UTC")
+    windows = planned_windows(pipeline, settings, backfill, now)
+    stats.windows_total = len(windows)
+    size = chunk_windows(settings)
+    chunks = [windows[i : i + size] for i in range(0, len(windows), size)]
+    with WindowFetcher(client, windows, settings.project_id, int(settings.workers), lookahead=size) as fetcher:
+        for number, windows_of_chunk in enumerate(chunks, start=1):
+            if backfill:
+                bounds = {"start_date": format_rfc3339(windows_of_chunk[0].start), "end_date": format_rfc3339(backfill[1])}
+            else:
+                bounds = {"start_date": settings.start_date}
+            source = ona_usage(
+                client=client,
+                stats=stats,
+                project_id=settings.project_id,
+                window=settings.window,
+                lookback=settings.lookback,
+                chunk=Chunk(windows_of_chunk, fetcher, last=number == len(chunks), fetched_at=now),
+                backfill=key,
+                **bounds,
+            )
+            if settings.destination == "filesystem":
+                # Plain Parquet files cannot be merged into; Delta tables can, on `id` like elsewhere.
+                source.resources[RESOURCE_NAME].apply_hints(table_format="delta")
+            result.load_infos.append(pipeline.run(source))
+            result.chunks += 1
+            normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
+            result.rows_loaded += normalize.row_counts.get(RESOURCE_NAME, 0) if normalize else 0
+            if number < len(chunks):
+                logger.info("committed chunk %d of %d (%d of %d windows)", number, len(chunks), stats.windows_done, stats.windows_total)
     result.cursor = read_state(pipeline).cursor
 
 

@@ -8,8 +8,8 @@ yields one Arrow table per window. Rows are merged on `id`, so a record read twi
 with its latest values. The state is committed with the data, in the destination, so a failed
 run moves neither and a run on a fresh machine resumes from there.
 
-A run can stop after `max_windows` windows (a chunk) and commit; the caller runs the next
-chunk. A backfill (`end_date` set) uses dlt's stateless `end_value` mode: the scheduled cursor
+A command can run its range as several loads (chunks), each committing its windows; the
+caller plans them (`pipeline.py`) and one `WindowFetcher` fetches ahead across them. A backfill (`end_date` set) uses dlt's stateless `end_value` mode: the scheduled cursor
 does not move, and the backfill's own progress is kept under `backfills` in the resource state.
 """
 
@@ -43,7 +43,6 @@ class ExtractStats:
         self.windows_done = 0
         self.pages = 0
         self.records = 0
-        self.more = False  # the last run stopped at its chunk's end, before "now" or the backfill's end
         self.retries: Callable[[], int] = lambda: 0  # the client's retry count, once there is a client
 
     def window_done(self, window: Window, pages: int, records: int) -> None:
@@ -90,10 +89,10 @@ def ona_usage(
     lookback: str = settings.DEFAULT_LOOKBACK,
     page_size: int = settings.DEFAULT_PAGE_SIZE,
     workers: int = settings.DEFAULT_WORKERS,
-    max_windows: Optional[int] = None,
     allow_insecure_http: bool = False,
     client: Optional[UsageClient] = None,
     stats: Optional[ExtractStats] = None,
+    chunk: Optional[Chunk] = None,
     backfill: Optional[str] = None,
 ) -> DltResource:
     """Ona environment usage records, merged on `id`, with an incremental cursor on `stopped_at`.
@@ -111,10 +110,11 @@ def ona_usage(
         lookback: How much of the last run's range each run reads again, to catch late records.
         page_size: Records per page, 1 to 100.
         workers: Windows fetched at once.
-        max_windows: Stop after this many windows (one chunk); the next run continues.
         allow_insecure_http: Allow a plain `http://` base URL that is not loopback.
         client: An existing client to use instead of `api_key`, `base_url` and `page_size`.
         stats: Counters the caller reads for progress and the run's summary.
+        chunk: The windows of this load, planned by the caller (`pipeline.py`), which runs a
+            command's range as several loads; without it the run plans its own range.
         backfill: The key under which a backfill records its progress (see `backfill_key`).
     """
     if client is None:
@@ -130,8 +130,8 @@ def ona_usage(
         window_size=parse_window_size(window),
         lookback=parse_duration(lookback, name="lookback"),
         workers=workers,
-        max_windows=max_windows,
         stats=stats,
+        chunk=chunk,
         backfill=backfill,
     )
 
@@ -145,8 +145,8 @@ def usage_records(
     window_size: pendulum.Duration = pendulum.duration(days=1),
     lookback: pendulum.Duration = pendulum.duration(hours=2),
     workers: int = settings.DEFAULT_WORKERS,
-    max_windows: int | None = None,
     stats: ExtractStats | None = None,
+    chunk: Chunk | None = None,
     backfill: str | None = None,
 ) -> DltResource:
     """The resource over an existing client, so the caller can read the client's counters."""
@@ -171,61 +171,110 @@ def usage_records(
         ),
     ) -> Iterator[pa.Table]:
         state = dlt.current.resource_state()
-        lagged_start = to_utc(stopped_at.start_value)
-        if end_date is None:
-            end = pendulum.now("UTC")
-            start = resume_point(lagged_start, state.get("fetched_through"), state.get("fetched_at"), lookback)
-        else:
-            start, end = lagged_start, end_date
-        windows = list(tile(start, end, window_size))
-        stats.more = bool(max_windows) and len(windows) > max_windows
-        if stats.more:
-            windows = windows[:max_windows]
-        yield from fetch_windows(client, windows, stats, project_id, workers)
+        plan = chunk
+        if plan is None:  # used on its own: plan the whole range as one load
+            plan = _plan_alone(client, to_utc(stopped_at.start_value), state, end_date, window_size, lookback, project_id, workers)
+        try:
+            for _ in plan.windows:
+                window, pages, table = plan.fetcher.next()
+                stats.window_done(window, pages, table.num_rows)
+                if table.num_rows:
+                    yield table
+        finally:
+            if chunk is None:
+                plan.fetcher.close()
         # Reached only when every window was fetched; committed with the rows, or not at all.
-        through = windows[-1].end if windows else end
+        if not plan.windows:
+            return
+        through = plan.windows[-1].end
         if backfill:
             state.setdefault("backfills", {})[backfill] = {
                 "through": through,
-                "done": not stats.more,
+                "done": plan.last,
                 "updated_at": pendulum.now("UTC"),
             }
         elif end_date is None:
-            state["fetched_through"], state["fetched_at"] = through, end
+            state["fetched_through"], state["fetched_at"] = through, plan.fetched_at
 
     return environment_usage_records
 
 
-def fetch_windows(
-    client: UsageClient, windows: list[Window], stats: ExtractStats, project_id: str | None, workers: int
-) -> Iterator[pa.Table]:
-    """Fetch windows concurrently but yield them in order, holding at most `2 * workers`."""
+def _plan_alone(
+    client: UsageClient,
+    lagged_start: pendulum.DateTime,
+    state: dict[str, Any],
+    end_date: pendulum.DateTime | None,
+    window_size: pendulum.Duration,
+    lookback: pendulum.Duration,
+    project_id: str | None,
+    workers: int,
+) -> Chunk:
+    now = pendulum.now("UTC")
+    if end_date is None:
+        start, end = resume_point(lagged_start, state.get("fetched_through"), state.get("fetched_at"), lookback), now
+    else:
+        start, end = lagged_start, end_date
+    windows = list(tile(start, end, window_size))
+    return Chunk(windows, WindowFetcher(client, windows, project_id, workers), last=True, fetched_at=now)
 
-    def fetch(window: Window) -> tuple[Window, int, pa.Table]:
+
+class Chunk:
+    """The windows one load fetches, taken in order from a fetcher shared by all the loads."""
+
+    def __init__(self, windows: list[Window], fetcher: WindowFetcher, *, last: bool, fetched_at: pendulum.DateTime):
+        self.windows = windows
+        self.fetcher = fetcher
+        self.last = last
+        self.fetched_at = fetched_at
+
+
+class WindowFetcher:
+    """Fetches planned windows concurrently and hands them out in order.
+
+    It keeps up to `lookahead` windows (at least `2 * workers`) in flight or ready, also while
+    dlt normalizes and loads the previous chunk, so the API is not idle while the warehouse
+    works; a chunk's worth of lookahead keeps both busy.
+    """
+
+    def __init__(
+        self, client: UsageClient, windows: list[Window], project_id: str | None, workers: int, lookahead: int = 0
+    ) -> None:
+        self._client = client
+        self._project_id = project_id
+        self._todo = iter(windows)
+        self._limit = max(2 * max(workers, 1), lookahead)
+        self._pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="ona-window")
+        self._pending: deque[Future[tuple[Window, int, pa.Table]]] = deque()
+        self._fill()
+
+    def __enter__(self) -> WindowFetcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def next(self) -> tuple[Window, int, pa.Table]:
+        """The next window's page count and table; raises what fetching it raised."""
+        future = self._pending.popleft()
+        self._fill()
+        return future.result()
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._limit:
+            window = next(self._todo, None)
+            if window is None:
+                return
+            self._pending.append(self._pool.submit(self._fetch, window))
+
+    def _fetch(self, window: Window) -> tuple[Window, int, pa.Table]:
         records: list[dict] = []
         pages = 0
-        for page in client.pages(window, project_id):
+        for page in self._client.pages(window, self._project_id):
             records.extend(page)
             pages += 1
         return window, pages, to_table(records, window)
-
-    workers = max(workers, 1)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ona-window") as pool:
-        pending: deque[Future[tuple[Window, int, pa.Table]]] = deque()
-        try:
-            for window in windows:
-                pending.append(pool.submit(fetch, window))
-                if len(pending) >= 2 * workers:
-                    yield from _finish(pending.popleft(), stats)
-            while pending:
-                yield from _finish(pending.popleft(), stats)
-        finally:
-            for future in pending:
-                future.cancel()
-
-
-def _finish(future: Future[tuple[Window, int, pa.Table]], stats: ExtractStats) -> Iterator[pa.Table]:
-    window, pages, table = future.result()
-    stats.window_done(window, pages, table.num_rows)
-    if table.num_rows:
-        yield table
