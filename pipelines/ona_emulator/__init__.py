@@ -1,8 +1,9 @@
 """A local emulator of Ona's ListEnvironmentUsageRecords API, for tests, demos and benchmarks."""
 
 from .data import UsageStore
+from .faults import FaultConfig
 from .generator import generate_organisation, generate_records
 from .rfc3339 import format_rfc3339, parse_rfc3339_ns
 from .server import EmulatorServer
 
-__all__ = ["EmulatorServer", "UsageStore", "format_rfc3339", "generate_organisation", "generate_records", "parse_rfc3339_ns"]
+__all__ = ["EmulatorServer", "FaultConfig", "UsageStore", "format_rfc3339", "generate_organisation", "generate_records", "parse_rfc3339_ns"]

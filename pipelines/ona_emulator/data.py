@@ -40,8 +40,9 @@ class _Index(NamedTuple):
     bodies: list[bytes]
 
 
-def _entry(record: dict[str, Any]) -> tuple[str, _Entry]:
-    """Validate one record and pre-encode its wire form."""
+def _entry(record: dict[str, Any], lag_ns: int = 0) -> tuple[str, _Entry]:
+    """Validate one record and pre-encode its wire form; without `_visibleAt`, it becomes
+    visible `lag_ns` after it stopped."""
     record_id = record.get("id")
     if not isinstance(record_id, str) or not record_id:
         raise ValueError(f"record without a string id: {record!r}")
@@ -57,11 +58,12 @@ def _entry(record: dict[str, Any]) -> tuple[str, _Entry]:
         body = orjson.dumps(
             {k: v for k, v in record.items() if not k.startswith("_") and v not in (None, "")}
         )
+    stopped_ns = parse_rfc3339_ns(stopped)
     # orjson's result keeps its oversized scratch allocation (~4 KB); an
     # exact-size copy keeps a million records near 300 MB instead of 4 GB.
     return record_id, _Entry(
-        parse_rfc3339_ns(stopped),
-        parse_rfc3339_ns(visible) if visible else None,
+        stopped_ns,
+        parse_rfc3339_ns(visible) if visible else (stopped_ns + lag_ns if lag_ns > 0 else None),
         record.get("projectId") or "",
         bytes(memoryview(body)),
     )
@@ -76,10 +78,12 @@ class UsageStore:
 
     A record is visible when it has stopped (`stoppedAt <= now`) and, if it
     carries `_visibleAt`, once that instant has passed: that is how tests model
-    ingestion lag and late-arriving records.
+    ingestion lag and late-arriving records. `ingestion_lag` (seconds) does that for every
+    record added or upserted while it is set: one without `_visibleAt` becomes visible that
+    long after its `stoppedAt`.
     """
 
-    def __init__(self, records: Iterable[dict[str, Any]] = ()) -> None:
+    def __init__(self, records: Iterable[dict[str, Any]] = (), ingestion_lag: float = 0.0) -> None:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._index: _Index | None = None
@@ -87,13 +91,14 @@ class UsageStore:
         self._lagged: tuple[list[int], list[str]] | None = None
         self._frozen_ns: int | None = None
         self._offset_ns = 0
+        self.ingestion_lag = ingestion_lag
         self.add(records)
 
     # -- mutation -------------------------------------------------------------
 
     def add(self, records: Iterable[dict[str, Any]]) -> None:
         """Insert new records; raises ValueError (and adds nothing) on a known id."""
-        prepared = dict(_entry(r) for r in records)
+        prepared = self._prepare(records)
         with self._lock:
             clash = next((i for i in prepared if i in self._entries), None)
             if clash is not None:
@@ -102,7 +107,7 @@ class UsageStore:
 
     def upsert(self, records: Iterable[dict[str, Any]]) -> None:
         """Insert or replace records by id (stoppedAt and any field may change)."""
-        prepared = dict(_entry(r) for r in records)
+        prepared = self._prepare(records)
         with self._lock:
             self._commit(prepared)
 
@@ -113,6 +118,10 @@ class UsageStore:
             if removed:
                 self._invalidate()
             return removed
+
+    def _prepare(self, records: Iterable[dict[str, Any]]) -> dict[str, _Entry]:
+        lag_ns = round(self.ingestion_lag * NS_PER_SECOND) if self.ingestion_lag else 0
+        return dict(_entry(r, lag_ns) for r in records)
 
     def _commit(self, prepared: dict[str, _Entry]) -> None:
         if prepared:

@@ -36,6 +36,9 @@ DEFAULT_MAX_ATTEMPTS = 6
 # A server that asks us to wait longer than this is treated as down, not as busy.
 MAX_RETRY_AFTER = 300.0
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# The longest wait between two attempts, whatever the attempt number: a dead API must fail the
+# run in minutes, not hold it for days.
+MAX_BACKOFF = 30.0
 
 
 class OnaApiError(Exception):
@@ -106,18 +109,20 @@ class UsageClient:
         self.backoff = backoff
         self._endpoint = str(url).rstrip("/") + LIST_USAGE_PATH
         self._host = url.host
-        self._http = httpx.Client(
-            headers={
+        self._client_options: dict[str, Any] = {
+            "headers": {
                 "Authorization": f"Bearer {api_key}",
                 "Accept": "application/json",
                 "Content-Type": "application/json",
                 "User-Agent": f"ona-usage/{__version__}",
             },
-            timeout=timeout,
-            follow_redirects=False,
-            transport=transport,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
-        )
+            "timeout": timeout,
+            "follow_redirects": False,
+            "transport": transport,
+        }
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []
+        self._pause_until = 0.0  # monotonic time before which no thread sends (after a 429)
         self._lock = threading.Lock()
         self.requests = 0
         self.retries = 0
@@ -129,7 +134,19 @@ class UsageClient:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+    def _http(self) -> httpx.Client:
+        """This thread's connection: one pool shared by many threads spends its time on locks."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = httpx.Client(**self._client_options)
+            with self._lock:
+                self._clients.append(client)
+        return client
 
     def pages(self, window: Window, project_id: str | None = None) -> Iterator[list[dict[str, Any]]]:
         """Yield each page's records for one window, following `nextToken` until it ends."""
@@ -180,10 +197,13 @@ class UsageClient:
             ) from None
 
     def _post_once(self, params: dict[str, str], content: bytes) -> dict[str, Any]:
+        # A 429 slows every worker down, not only the one that got it.
+        if (pause := self._pause_until - time.monotonic()) > 0:
+            time.sleep(pause)
         with self._lock:
             self.requests += 1
         try:
-            response = self._http.post(self._endpoint, params=params, content=content)
+            response = self._http().post(self._endpoint, params=params, content=content)
         except httpx.TimeoutException as exc:
             raise TransientApiError(f"the API did not answer in time ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
@@ -196,7 +216,12 @@ class UsageClient:
                 status=response.status_code,
             )
         if response.status_code != 200:
-            raise _error_from(response, self._secret)
+            error = _error_from(response, self._secret)
+            if response.status_code == 429 and isinstance(error, TransientApiError):
+                with self._lock:
+                    wait = error.retry_after if error.retry_after is not None else self.backoff
+                    self._pause_until = max(self._pause_until, time.monotonic() + wait)
+            raise error
         try:
             page = orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -211,8 +236,8 @@ class UsageClient:
     def _wait(self, state: RetryCallState) -> float:
         """Jittered exponential backoff, but never less than the server's `Retry-After`."""
         exc = state.outcome.exception() if state.outcome else None
-        backoff = self.backoff * 2 ** (state.attempt_number - 1)
-        delay = random.uniform(backoff / 2, backoff * 1.5)
+        backoff = self.backoff * 2 ** min(state.attempt_number - 1, 30)
+        delay = min(random.uniform(backoff / 2, backoff * 1.5), MAX_BACKOFF)
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             delay = max(delay, retry_after)

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import dlt
+import httpx
 import pendulum
 from dlt.common.destination.reference import Destination
 from dlt.common.pipeline import LoadInfo
 
 from ona_usage.client import UsageClient
+from ona_usage.models import create_views, drop_views
 from ona_usage.settings import ConfigError, SyncSettings, parse_date
 from ona_usage.source import (
     CURSOR_COLUMN,
@@ -179,6 +181,7 @@ def _run(
         settings.base_url,
         page_size=int(settings.page_size),
         max_attempts=int(settings.max_attempts),
+        timeout=httpx.Timeout(float(settings.timeout), connect=min(float(settings.timeout), 10.0)),
         allow_insecure_http=settings.allow_insecure_http,
     ) as client:
         stats.retries = lambda: client.retries
@@ -234,6 +237,8 @@ def _run_chunks(
             result.rows_loaded += normalize.row_counts.get(RESOURCE_NAME, 0) if normalize else 0
             if number < len(chunks):
                 logger.info("committed chunk %d of %d (%d of %d windows)", number, len(chunks), stats.windows_done, stats.windows_total)
+    if result.chunks:
+        create_views(pipeline)
     result.cursor = read_state(pipeline).cursor
 
 
@@ -246,6 +251,7 @@ def reset(settings: SyncSettings) -> bool:
         restore_state(pipeline, settings)
         if not pipeline.default_schema_name:
             return False
+        drop_views(pipeline)
         pipeline_drop(pipeline, resources=[RESOURCE_NAME])()
         return True
 

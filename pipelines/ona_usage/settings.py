@@ -25,6 +25,7 @@ DEFAULT_PAGE_SIZE = MAX_PAGE_SIZE
 DEFAULT_WORKERS = 8
 DEFAULT_CHUNK = "30d"
 DEFAULT_DUCKDB_MEMORY_LIMIT = "256MB"
+DEFAULT_TIMEOUT = 60.0
 DEFAULT_START_DAYS = 30
 DEFAULT_DESTINATION = "duckdb"
 DEFAULT_DATASET_NAME = "ona_usage"
@@ -54,6 +55,7 @@ class SyncSettings(BaseConfiguration):
     workers: int = DEFAULT_WORKERS
     chunk: str = DEFAULT_CHUNK
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float = DEFAULT_TIMEOUT
     duckdb_memory_limit: str = DEFAULT_DUCKDB_MEMORY_LIMIT
     destination: str = DEFAULT_DESTINATION
     dataset_name: str = DEFAULT_DATASET_NAME
@@ -74,6 +76,8 @@ class SyncSettings(BaseConfiguration):
             raise ConfigError(f"chunk {self.chunk!r} must be positive, e.g. 7d")
         if not 1 <= int(self.page_size) <= MAX_PAGE_SIZE:
             raise ConfigError(f"page size {self.page_size} must be between 1 and {MAX_PAGE_SIZE}")
+        if not 0 < float(self.timeout) <= 600:
+            raise ConfigError(f"timeout {self.timeout} must be more than 0 and at most 600 seconds")
         if not 1 <= int(self.max_attempts) <= 20:
             raise ConfigError(f"max_attempts {self.max_attempts} must be between 1 and 20")
         if not 1 <= int(self.workers) <= 32:

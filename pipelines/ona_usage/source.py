@@ -32,6 +32,7 @@ from ona_usage.windows import Window, format_rfc3339, parse_duration, parse_wind
 
 RESOURCE_NAME = "environment_usage_records"
 CURSOR_COLUMN = "stopped_at"
+BATCH_ROWS = 50_000
 
 
 class ExtractStats:
@@ -175,11 +176,18 @@ def usage_records(
         if plan is None:  # used on its own: plan the whole range as one load
             plan = _plan_alone(client, to_utc(stopped_at.start_value), state, end_date, window_size, lookback, project_id, workers)
         try:
+            batch: list[pa.Table] = []
             for _ in plan.windows:
                 window, pages, table = plan.fetcher.next()
                 stats.window_done(window, pages, table.num_rows)
                 if table.num_rows:
-                    yield table
+                    batch.append(table)
+                # dlt writes each item it gets as Parquet: a few large tables beat many small ones.
+                if sum(t.num_rows for t in batch) >= BATCH_ROWS:
+                    yield pa.concat_tables(batch)
+                    batch = []
+            if batch:
+                yield pa.concat_tables(batch)
         finally:
             if chunk is None:
                 plan.fetcher.close()

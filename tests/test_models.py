@@ -1,0 +1,103 @@
+"""The analyst views equal figures computed independently in Python from the emulator's records."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import duckdb
+import pendulum
+import psycopg2
+import pytest
+
+from conftest import make_records, recent_records, to_datetime
+from test_operations import config
+from ona_usage.pipeline import run_sync
+
+import pg_server
+from test_postgres import postgres  # noqa: F401,F811  (the module-scoped server fixture)
+
+Key = tuple[date, Any, Any, Any, Any]
+
+
+def expected_daily(records: list[dict[str, Any]]) -> dict[Key, tuple[int, float]]:
+    """Runtime split across UTC days; a run counts on the day it stopped."""
+    totals: dict[Key, list] = defaultdict(lambda: [0, 0.0])
+    for r in records:
+        stop = to_datetime(r["stoppedAt"])
+        start = min(to_datetime(r.get("createdAt")) or stop, stop)
+        ids = (r.get("userId"), r.get("projectId"), r.get("environmentClassId"), r.get("runnerId"))
+        day = datetime(start.year, start.month, start.day, tzinfo=timezone.utc)
+        while day <= stop:
+            overlap = (min(stop, day + timedelta(days=1)) - max(start, day)).total_seconds() / 3600
+            totals[(day.date(), *ids)][1] += overlap
+            day += timedelta(days=1)
+        totals[(stop.date(), *ids)][0] += 1
+    return {k: (runs, hours) for k, (runs, hours) in totals.items()}
+
+
+def expected_monthly(daily: dict[Key, tuple[int, float]]) -> dict[Key, tuple[int, float]]:
+    totals: dict[Key, list] = defaultdict(lambda: [0, 0.0])
+    for (day, *ids), (runs, hours) in daily.items():
+        totals[(day.replace(day=1), *ids)][0] += runs
+        totals[(day.replace(day=1), *ids)][1] += hours
+    return {k: (runs, hours) for k, (runs, hours) in totals.items()}
+
+
+def assert_view_equals(rows: list[tuple], expected: dict[Key, tuple[int, float]]) -> None:
+    actual = {tuple(row[:5]): (int(row[5]), float(row[6])) for row in rows}
+    assert actual.keys() == expected.keys()
+    for key, (runs, hours) in expected.items():
+        assert actual[key][0] == runs, key
+        assert actual[key][1] == pytest.approx(hours, abs=1e-6), key
+
+
+def organisation() -> list[dict[str, Any]]:
+    """Synthetic usage plus the awkward cases: several days long, no project, no createdAt."""
+    day = pendulum.now("UTC").start_of("day").subtract(days=3)
+    long_run = make_records(day.add(hours=5), 1, "long")[0] | {"createdAt": day.subtract(days=2, hours=3).to_iso8601_string()}
+    no_project = {k: v for k, v in make_records(day.add(hours=1), 1, "noproj")[0].items() if k != "projectId"}
+    no_created = {k: v for k, v in make_records(day.add(hours=2), 1, "nocreated")[0].items() if k != "createdAt"}
+    midnight = make_records(day.add(minutes=30), 1, "midnight")[0] | {"createdAt": day.subtract(minutes=90).to_iso8601_string()}
+    return recent_records(600, days=40) + [long_run, no_project, no_created, midnight]
+
+
+SELECT_DAILY = "SELECT usage_date, user_id, project_id, environment_class_id, runner_id, runs, runtime_hours FROM ona_usage.environment_usage_daily"
+SELECT_MONTHLY = "SELECT usage_month, user_id, project_id, environment_class_id, runner_id, runs, runtime_hours FROM ona_usage.environment_usage_monthly"
+
+
+def test_views_on_duckdb_match_python(workdir, store, emulator):
+    store.add(organisation())
+    run_sync(config(emulator, start_date=pendulum.now("UTC").subtract(days=45).to_date_string()))
+
+    daily = expected_daily(store.records())
+    with duckdb.connect(str(workdir / "ona-usage.duckdb"), read_only=True) as conn:
+        conn.execute("SET TimeZone = 'America/Los_Angeles'")  # an analyst's own zone changes nothing
+        assert_view_equals(conn.execute(SELECT_DAILY).fetchall(), daily)
+        assert_view_equals(conn.execute(SELECT_MONTHLY).fetchall(), expected_monthly(daily))
+    # the multi-day run is spread over four days; the run without createdAt has no runtime
+    long_days = [k for k in daily if any(r["id"] == "long-0" for r in store.records())]
+    assert len(long_days) > 4
+    assert sum(h for (d, *_), (_, h) in daily.items()) == pytest.approx(
+        sum((to_datetime(r["stoppedAt"]) - min(to_datetime(r.get("createdAt")) or to_datetime(r["stoppedAt"]), to_datetime(r["stoppedAt"]))).total_seconds() / 3600 for r in store.records())
+    )
+
+
+def test_views_on_postgres_match_python(postgres, workdir, store, emulator, monkeypatch):  # noqa: F811
+    url = pg_server.create_database(postgres, f"t_{uuid.uuid4().hex[:12]}")
+    monkeypatch.setenv("DESTINATION__POSTGRES__CREDENTIALS", url)
+    store.add(organisation())
+    run_sync(config(emulator, destination="postgres", start_date=pendulum.now("UTC").subtract(days=45).to_date_string()))
+
+    daily = expected_daily(store.records())
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(SELECT_DAILY)
+            assert_view_equals(cur.fetchall(), daily)
+            cur.execute(SELECT_MONTHLY)
+            assert_view_equals(cur.fetchall(), expected_monthly(daily))
+    finally:
+        conn.close()
