@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install postgres demo test bench lock clean
+.PHONY: install postgres chromium demo test bench lock clean
 
 install: $(STAMP)
 
@@ -22,7 +22,11 @@ demo: install
 postgres:
 	scripts/ensure-postgres
 
-test: install postgres
+# The report test opens the HTML report in a real headless Chromium; install Debian's if missing.
+chromium:
+	scripts/ensure-chromium
+
+test: install postgres chromium
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -132,8 +132,8 @@ def request_ranges(emulator: EmulatorServer) -> list[tuple[str, str]]:
     ranges = []
     for request in emulator.requests:
         body = request["body"] or {}
-        if body.get("pagination", {}).get("pageSize") == 1:
-            continue
+        if body.get("pagination", {}).get("pageSize") == 1 or "filter" not in body:
+            continue  # the access check, or a list of names
         date_range = body["filter"]["dateRange"]
         ranges.append((date_range["startTime"], date_range["endTime"]))
     return ranges

@@ -35,8 +35,8 @@ def test_sync_over_many_windows_and_pages_loads_exactly_the_api_records(workdir,
     assert_table_equals(workdir / DB, truth)
     assert result.rows_loaded == len(truth) == 3_000
     assert result.windows == 14  # 13 full days back to midnight, plus today so far
-    # every page of every window, plus the one access check, and nothing else
-    assert result.requests == result.pages + 1 == len(emulator.requests)
+    # every page of every window, the access check and one page of each list of names
+    assert result.requests == result.pages + 1 + 3 == len(emulator.requests)
     assert result.pages >= 3_000 // 20
     newest = max(pendulum.parse(r["stoppedAt"]) for r in truth)
     assert result.cursor == newest.replace(microsecond=newest.microsecond)

@@ -17,7 +17,7 @@ import pendulum
 
 from .data import UsageStore
 from .faults import KINDS, FaultConfig, parse_kind
-from .generator import generate_organisation
+from .generator import generate_organisation, organisation_names
 from .server import EmulatorServer
 
 
@@ -143,6 +143,7 @@ def serve_from_args(ns: argparse.Namespace) -> int:
     end = ns.end or pendulum.now("UTC")
     start = end.subtract(days=ns.days)
     store = UsageStore(generate_organisation(ns.seed, start, end, ns.records), ingestion_lag=faults.ingestion_lag)
+    store.names = organisation_names(ns.seed)
     store.page(0, 0, "", 0, 0)  # build the sorted index now, not on the first request
     server = EmulatorServer(
         store,

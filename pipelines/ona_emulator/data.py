@@ -86,6 +86,7 @@ class UsageStore:
     def __init__(self, records: Iterable[dict[str, Any]] = (), ingestion_lag: float = 0.0) -> None:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
+        self.names: dict[str, str] = {}  # project, environment class and runner names by id
         self._index: _Index | None = None
         self._project_indexes: dict[str, _Index] = {}
         self._lagged: tuple[list[int], list[str]] | None = None

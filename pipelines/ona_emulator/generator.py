@@ -139,3 +139,18 @@ def generate_organisation(
 
 def _instant(ns: int) -> str:
     return format_rfc3339(ns, 0)
+
+
+PROJECT_NAMES = ("backend", "web-frontend", "mobile-app", "data-platform", "infra", "docs", "ml-models", "billing")
+CLASS_NAMES = ("Small (2 vCPU, 8 GiB)", "Regular (4 vCPU, 16 GiB)", "Large (8 vCPU, 32 GiB)", "GPU (8 vCPU, 1 GPU)")
+RUNNER_NAMES = ("AWS eu-central-1", "AWS us-east-1", "GCP europe-west3", "On-prem rack 2")
+
+
+def organisation_names(seed: int, projects: int = 6, runners: int = 3, classes: int = 4) -> dict[str, str]:
+    """Names for the ids `generate_records(seed, ...)` uses, as the list endpoints return them."""
+    names: dict[str, str] = {}
+    for kind, count, labels in (("project", projects, PROJECT_NAMES), ("runner", runners, RUNNER_NAMES),
+                                ("environment-class", classes, CLASS_NAMES)):
+        for i, entity in enumerate(_entity_ids(seed, kind, count)):
+            names[entity] = labels[i % len(labels)] + (f" {i // len(labels) + 1}" if i >= len(labels) else "")
+    return names

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from . import catalog
 from . import control as control_endpoint
 from .data import UsageStore
 from .faults import FaultConfig, FaultInjector, error_response, html_response
@@ -70,6 +71,7 @@ class EmulatorServer:
         self.latency = latency
         self.control = control
         self.fault: Fault | None = None
+        self.denied: set[str] = set()  # catalog kinds ("projects", ...) answered with permission_denied
         self._injector: FaultInjector | None = None
         self._fault_config = FaultConfig()
         self._statuses: dict[int, int] = {}
@@ -262,11 +264,14 @@ class EmulatorServer:
             if kind == "hang":
                 self._stopping.wait(injector.config.hang_seconds)
             try:
-                list_request = self._list_request(method, path, query, body, body_error, authorization)
-                payload, applied = injector.page(self.store, list_request)
-                response = (200, payload, _JSON)
-                if applied is not None and kind is None:
-                    request["fault"] = applied
+                if catalog.match(path):  # names lists: no paging faults, the rest applies
+                    response = self._answer(method, path, query, body, body_error, authorization)
+                else:
+                    list_request = self._list_request(method, path, query, body, body_error, authorization)
+                    payload, applied = injector.page(self.store, list_request)
+                    response = (200, payload, _JSON)
+                    if applied is not None and kind is None:
+                        request["fault"] = applied
             except ConnectError as error:
                 response = (error.status, error.body(), _JSON)
             if kind == "truncate":
@@ -291,12 +296,40 @@ class EmulatorServer:
         body_error: ConnectError | None,
         authorization: str,
     ) -> Response:
+        if kind := catalog.match(path):
+            return self._catalog(kind, method, query, body, body_error, authorization)
         request = self._list_request(method, path, query, body, body_error, authorization)
         records, more = self.store.page(
             request.start_ns, request.end_ns, request.project_id, request.offset, request.page_size
         )
         token = request.next_token(len(records)) if more else None
         return 200, page_body(records, token), _JSON
+
+    def _catalog(
+        self,
+        kind: tuple[str, str],
+        method: str,
+        query: dict[str, str],
+        body: Any,
+        body_error: ConnectError | None,
+        authorization: str,
+    ) -> Response:
+        """Projects, environment classes or runners; `denied` names kinds the key may not list."""
+        self._authorize(method, authorization)
+        if body_error is not None:
+            raise body_error
+        name, key = kind
+        if name in self.denied:
+            raise ConnectError("permission_denied", f"the API key may not list {name.replace('_', ' ')}")
+        all_items = catalog.items(self.store.records(visible_only=False), self.store.names, name)
+        return 200, catalog.page(all_items, key, query, body), _JSON
+
+    def _authorize(self, method: str, authorization: str) -> None:
+        if method != "POST":
+            raise ConnectError("unimplemented", f"method {method} not allowed; use POST", status=405)
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), self.api_key.encode()):
+            raise ConnectError("unauthenticated", "invalid or missing API key")
 
     def _list_request(
         self,
@@ -310,11 +343,7 @@ class EmulatorServer:
         """Route, authenticate and validate a request, or raise the ConnectError to answer."""
         if not path.endswith(ENDPOINT):
             raise ConnectError("unimplemented", f"no such procedure: {path}")
-        if method != "POST":
-            raise ConnectError("unimplemented", f"method {method} not allowed; use POST", status=405)
-        scheme, _, key = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), self.api_key.encode()):
-            raise ConnectError("unauthenticated", "invalid or missing API key")
+        self._authorize(method, authorization)
         if body_error is not None:
             raise body_error
         return parse_list_request(body, query)

@@ -107,7 +107,8 @@ class UsageClient:
         self.page_size = page_size
         self.max_attempts = max_attempts
         self.backoff = backoff
-        self._endpoint = str(url).rstrip("/") + LIST_USAGE_PATH
+        self._base = str(url).rstrip("/")
+        self._usage_url = self._base + LIST_USAGE_PATH
         self._host = url.host
         self._client_options: dict[str, Any] = {
             "headers": {
@@ -150,60 +151,68 @@ class UsageClient:
 
     def pages(self, window: Window, project_id: str | None = None) -> Iterator[list[dict[str, Any]]]:
         """Yield each page's records for one window, following `nextToken` until it ends."""
-        content = _request_body(window, project_id, self.page_size)
+        body = _request_body(window, project_id, self.page_size)
+        yield from self._paginate(self._usage_url, body, "records", f"window {window}")
+
+    def list_all(self, path: str, items_key: str) -> list[dict[str, Any]]:
+        """Every item of a token-paged list endpoint, e.g. ProjectService/ListProjects."""
+        body = orjson.dumps({"pagination": {"pageSize": self.page_size}})
+        url = self._base + path
+        return [item for page in self._paginate(url, body, items_key, path.rsplit("/", 1)[-1]) for item in page]
+
+    def check_access(self) -> None:
+        """One cheap request, so a bad key or URL fails before anything touches the warehouse."""
+        now = pendulum.now("UTC").start_of("second")
+        window = Window(now.subtract(minutes=1), now)
+        self._call(self._usage_url, {"pageSize": "1"}, _request_body(window, None, 1), "the access check")
+
+    def _paginate(self, url: str, body: bytes, items_key: str, what: str) -> Iterator[list[dict[str, Any]]]:
         token: str | None = None
         seen: set[str] = set()
         while True:
             params = {"pageSize": str(self.page_size)}
             if token:
                 params["token"] = token
-            page = self._call(params, content, window)
-            records = page.get("records") or []
-            if not isinstance(records, list):
-                raise OnaApiError(f"the API answered window {window} with `records` that is not a list")
-            yield records
+            page = self._call(url, params, body, what)
+            items = page.get(items_key) or []
+            if not isinstance(items, list):
+                raise OnaApiError(f"the API answered {what} with `{items_key}` that is not a list")
+            yield items
             pagination = page.get("pagination") or {}
             token = pagination.get("nextToken") if isinstance(pagination, dict) else None
             if not token:
                 return
             if token in seen:
                 raise OnaApiError(
-                    f"the API returned the same page token twice for window {window}; "
-                    "stopping instead of paging forever"
+                    f"the API returned the same page token twice for {what}; stopping instead of paging forever"
                 )
             seen.add(token)
 
-    def check_access(self) -> None:
-        """One cheap request, so a bad key or URL fails before anything touches the warehouse."""
-        now = pendulum.now("UTC").start_of("second")
-        window = Window(now.subtract(minutes=1), now)
-        self._call({"pageSize": "1"}, _request_body(window, None, 1), window)
-
-    def _call(self, params: dict[str, str], content: bytes, window: Window) -> dict[str, Any]:
+    def _call(self, url: str, params: dict[str, str], content: bytes, what: str) -> dict[str, Any]:
         retrying = Retrying(
             stop=stop_after_attempt(self.max_attempts),
             wait=self._wait,
             retry=retry_if_exception_type(TransientApiError),
-            before_sleep=lambda state: self._log_retry(state, window),
+            before_sleep=lambda state: self._log_retry(state, what),
             reraise=True,
         )
         try:
-            return retrying(self._post_once, params, content)
+            return retrying(self._post_once, url, params, content)
         except TransientApiError as exc:
             raise TransientApiError(
-                f"{exc} (gave up after {self.max_attempts} attempts for window {window})",
+                f"{exc} (gave up after {self.max_attempts} attempts for {what})",
                 code=exc.code,
                 status=exc.status,
             ) from None
 
-    def _post_once(self, params: dict[str, str], content: bytes) -> dict[str, Any]:
+    def _post_once(self, url: str, params: dict[str, str], content: bytes) -> dict[str, Any]:
         # A 429 slows every worker down, not only the one that got it.
         if (pause := self._pause_until - time.monotonic()) > 0:
             time.sleep(pause)
         with self._lock:
             self.requests += 1
         try:
-            response = self._http().post(self._endpoint, params=params, content=content)
+            response = self._http().post(url, params=params, content=content)
         except httpx.TimeoutException as exc:
             raise TransientApiError(f"the API did not answer in time ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
@@ -243,14 +252,14 @@ class UsageClient:
             delay = max(delay, retry_after)
         return delay
 
-    def _log_retry(self, state: RetryCallState, window: Window) -> None:
+    def _log_retry(self, state: RetryCallState, what: str) -> None:
         with self._lock:
             self.retries += 1
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0
         logger.warning(
-            "retrying window %s after: %s (attempt %d of %d, waiting %.1fs)",
-            window,
+            "retrying %s after: %s (attempt %d of %d, waiting %.1fs)",
+            what,
             exc,
             state.attempt_number + 1,
             self.max_attempts,

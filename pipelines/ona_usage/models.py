@@ -3,7 +3,8 @@
 The SQL is written once, in PostgreSQL's dialect, and sqlglot (which dlt already uses)
 translates it for the destination at hand, DuckDB included. Runtime is `stopped_at -
 created_at`, split across the UTC days a run spans: a run from 22:00 to 02:00 counts two hours
-on each day. A run counts as one run on the day it stopped.
+on each day. A run counts as one run on the day it stopped. Each view carries the names of
+projects, environment classes and runners where they were loaded (null where not).
 """
 
 from __future__ import annotations
@@ -55,16 +56,43 @@ SELECT
   environment_class_id,
   runner_id,
   SUM(runs) AS runs,
-  SUM(runtime_hours) AS runtime_hours
+  SUM(runtime_hours) AS runtime_hours,
+  project_name,
+  environment_class_name,
+  runner_name
 FROM {daily}
-GROUP BY 1, 2, 3, 4, 5
+GROUP BY 1, 2, 3, 4, 5, 8, 9, 10
 """
 
+# (names table, the id column it names, the view's name column)
+NAMED = (
+    ("projects", "project_id", "project_name"),
+    ("environment_classes", "environment_class_id", "environment_class_name"),
+    ("runners", "runner_id", "runner_name"),
+)
 
-def view_statements(dialect: str, records: str, daily: str, monthly: str) -> list[str]:
+
+def _with_names(usage_sql: str, name_tables: dict[str, str | None]) -> str:
+    """The usage rows with a name column per id: joined where the names were loaded, else null."""
+    columns, joins = [], []
+    for table, id_column, name_column in NAMED:
+        qualified = name_tables.get(table)
+        if qualified:
+            alias = f"n_{table}"
+            columns.append(f"{alias}.name AS {name_column}")
+            joins.append(f"LEFT JOIN {qualified} AS {alias} ON {alias}.id = u.{id_column}")
+        else:
+            columns.append(f"CAST(NULL AS TEXT) AS {name_column}")
+    return f"SELECT u.*, {', '.join(columns)} FROM ({usage_sql}) AS u {' '.join(joins)}"
+
+
+def view_statements(
+    dialect: str, records: str, daily: str, monthly: str, name_tables: dict[str, str | None] | None = None
+) -> list[str]:
     """`CREATE OR REPLACE VIEW` statements for the destination's SQL dialect."""
     statements = []
-    for name, sql in ((daily, DAILY_SQL.format(records=records)), (monthly, MONTHLY_SQL.format(daily=daily))):
+    daily_sql = _with_names(DAILY_SQL.format(records=records), name_tables or {})
+    for name, sql in ((daily, daily_sql), (monthly, MONTHLY_SQL.format(daily=daily))):
         body = sqlglot.transpile(sql, read="postgres", write=dialect)[0]
         statements.append(f"CREATE OR REPLACE VIEW {name} AS {body}")
     return statements
@@ -76,9 +104,14 @@ def create_views(pipeline: dlt.Pipeline) -> bool:
     if pipeline.destination.destination_name == "filesystem" or not dialect:
         logger.info("no SQL views on the %s destination", pipeline.destination.destination_name)
         return False
+    loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
     with pipeline.sql_client() as client:
         names = [client.make_qualified_table_name(n) for n in (RESOURCE_NAME, DAILY_VIEW, MONTHLY_VIEW)]
-        for statement in view_statements(dialect, *names):
+        name_tables = {t: client.make_qualified_table_name(t) for t, _, _ in NAMED if t in loaded}
+        # a view must go before its shape changes (names appear): CREATE OR REPLACE will not widen it
+        for view in (MONTHLY_VIEW, DAILY_VIEW):
+            client.execute_sql(f"DROP VIEW IF EXISTS {client.make_qualified_table_name(view)}")
+        for statement in view_statements(dialect, *names, name_tables):
             client.execute_sql(statement)
     return True
 

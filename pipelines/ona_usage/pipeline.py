@@ -27,6 +27,7 @@ from dlt.common.pipeline import LoadInfo
 
 from ona_usage.client import UsageClient
 from ona_usage.models import create_views, drop_views
+from ona_usage.names import name_resources
 from ona_usage.settings import ConfigError, SyncSettings, parse_date
 from ona_usage.source import (
     CURSOR_COLUMN,
@@ -237,6 +238,11 @@ def _run_chunks(
             result.rows_loaded += normalize.row_counts.get(RESOURCE_NAME, 0) if normalize else 0
             if number < len(chunks):
                 logger.info("committed chunk %d of %d (%d of %d windows)", number, len(chunks), stats.windows_done, stats.windows_total)
+    if result.chunks and settings.names:
+        # After the usage is committed: names are a nicety, and their failure must not cost it.
+        resources = name_resources(client)
+        if resources:
+            result.load_infos.append(pipeline.run(resources, schema=pipeline.default_schema))
     if result.chunks:
         create_views(pipeline)
     result.cursor = read_state(pipeline).cursor

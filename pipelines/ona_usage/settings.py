@@ -56,6 +56,7 @@ class SyncSettings(BaseConfiguration):
     chunk: str = DEFAULT_CHUNK
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout: float = DEFAULT_TIMEOUT
+    names: bool = True
     duckdb_memory_limit: str = DEFAULT_DUCKDB_MEMORY_LIMIT
     destination: str = DEFAULT_DESTINATION
     dataset_name: str = DEFAULT_DATASET_NAME

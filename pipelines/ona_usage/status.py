@@ -61,21 +61,19 @@ def collect_status(settings: SyncSettings) -> dict[str, Any]:
 
 
 def _last_load(pipeline: dlt.Pipeline, trace: Any) -> dict[str, Any] | None:
-    """The newest completed load in the destination; rows and duration from the local trace."""
-    row = _query(pipeline, "SELECT load_id, inserted_at FROM {loads} WHERE status = 0 ORDER BY inserted_at DESC LIMIT 1")
+    """The newest completed load that wrote usage rows; its duration from the local trace."""
+    row = _query(
+        pipeline,
+        "SELECT l.load_id, l.inserted_at, count(*) FROM {table} AS t JOIN {loads} AS l ON l.load_id = t._dlt_load_id "
+        "WHERE l.status = 0 GROUP BY l.load_id, l.inserted_at ORDER BY l.inserted_at DESC LIMIT 1",
+    )
     if not row:
         return None
-    load_id, inserted_at = row[0]
-    rows = _query(pipeline, "SELECT count(*) FROM {table} WHERE _dlt_load_id = %s", load_id)
+    load_id, inserted_at, rows = row[0]
     seconds = None
     if trace is not None and trace.finished_at and load_id in {str(i) for i in _trace_load_ids(trace)}:
         seconds = round((trace.finished_at - trace.started_at).total_seconds(), 3)
-    return {
-        "load_id": load_id,
-        "finished_at": _time(inserted_at),
-        "rows": rows[0][0] if rows else 0,
-        "seconds": seconds,
-    }
+    return {"load_id": load_id, "finished_at": _time(inserted_at), "rows": rows, "seconds": seconds}
 
 
 def _trace_load_ids(trace: Any) -> list[str]:
