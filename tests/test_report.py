@@ -59,6 +59,7 @@ def organisation() -> list[dict[str, Any]]:
 def sync_into(root: Path, records: list[dict[str, Any]]) -> None:
     store = UsageStore()
     store.add(records)
+    store.names = {HOSTILE_PROJECT: HOSTILE_PROJECT}  # the API's name for it is just as hostile
     with EmulatorServer(store, api_key=API_KEY) as server:
         run_sync(config(server, start_date=pendulum.now("UTC").subtract(days=45).to_date_string()))
 
