@@ -23,12 +23,12 @@ import dlt
 import httpx
 import pendulum
 from dlt.common.destination.reference import Destination
-from dlt.common.pipeline import LoadInfo
+from dlt.common.pipeline import LoadInfo, get_dlt_pipelines_dir
 
 from ona_usage.client import UsageClient
 from ona_usage.models import create_views, drop_views
 from ona_usage.names import name_resources
-from ona_usage.settings import ConfigError, SyncSettings, parse_date
+from ona_usage.settings import ConfigError, SyncSettings, default_start_date, parse_date
 from ona_usage.source import (
     CURSOR_COLUMN,
     RESOURCE_NAME,
@@ -74,7 +74,6 @@ class SyncState:
     fetched_at: datetime | None
     initial_value: datetime | None
     backfills: dict[str, Any]
-    last_run: dict[str, Any] | None
 
 
 def make_pipeline(settings: SyncSettings, destination: Destination | None = None) -> dlt.Pipeline:
@@ -263,7 +262,7 @@ def reset(settings: SyncSettings) -> bool:
 
 
 def chunk_windows(settings: SyncSettings) -> int:
-    """Windows per load: a chunk of `--chunk` (a week by default) in windows of `--window`."""
+    """Windows per load: `--chunk` (60 days by default) in windows of `--window`."""
     window = parse_window_size(settings.window).total_seconds()
     return max(1, math.ceil(parse_duration(settings.chunk, name="chunk").total_seconds() / window))
 
@@ -293,7 +292,6 @@ def read_state(pipeline: dlt.Pipeline) -> SyncState:
         fetched_at=resource.get("fetched_at"),
         initial_value=incremental.get("initial_value"),
         backfills=dict(resource.get("backfills", {})),
-        last_run=resource.get("last_run"),
     )
 
 
@@ -317,22 +315,16 @@ def planned_windows(
             return []
         return list(tile(to_utc(progress.get("through") or backfill[0]), backfill[1], size))
     lookback = parse_duration(settings.lookback, name="lookback")
-    initial = to_utc(state.initial_value or settings.start_date or default_start())
+    initial = to_utc(state.initial_value or settings.start_date or default_start_date())
     lagged = initial if state.cursor is None else max(to_utc(state.cursor) - lookback, initial)
     start = resume_point(lagged, state.fetched_through, state.fetched_at, lookback)
     return list(tile(start, now or pendulum.now("UTC"), size))
 
 
-def default_start() -> pendulum.DateTime:
-    from ona_usage.settings import default_start_date
-
-    return default_start_date()
-
-
 @contextmanager
 def pipeline_lock(settings: SyncSettings) -> Iterator[None]:
     """One run per pipeline at a time on this machine; a second one is refused, not queued."""
-    folder = Path(os.environ.get("DLT_DATA_DIR") or Path.home() / ".dlt") / "pipelines"
+    folder = Path(get_dlt_pipelines_dir())  # where dlt keeps the pipeline's local state
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f".{settings.pipeline_name}.lock"
     with open(path, "a+") as handle:
