@@ -30,14 +30,15 @@ def match(path: str) -> tuple[str, str] | None:
     return None
 
 
-def items(records: list[dict[str, Any]], names: dict[str, str], kind: str) -> list[dict[str, Any]]:
+def items(referenced: list[tuple[str, str, str]], names: dict[str, str], kind: str) -> list[dict[str, Any]]:
+    """The list `kind` from the (projectId, environmentClassId, runnerId) of every record."""
     if kind == "projects":
-        ids = sorted({r["projectId"] for r in records if r.get("projectId")})
+        ids = sorted({project for project, _, _ in referenced if project})
         return [{"id": i, "metadata": {"name": names.get(i, f"project-{i[:8]}")}} for i in ids]
     if kind == "runners":
-        ids = sorted({r["runnerId"] for r in records if r.get("runnerId")})
+        ids = sorted({runner for _, _, runner in referenced if runner})
         return [{"runnerId": i, "name": names.get(i, f"runner-{i[:8]}")} for i in ids]
-    runner_of = {r["environmentClassId"]: r.get("runnerId", "") for r in records if r.get("environmentClassId")}
+    runner_of = {cls: runner for _, cls, runner in referenced if cls}
     return [
         {
             "id": i,

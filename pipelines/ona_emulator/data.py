@@ -30,6 +30,8 @@ class _Entry(NamedTuple):
     visible_ns: int | None
     project_id: str
     body: bytes
+    environment_class_id: str = ""
+    runner_id: str = ""
 
 
 class _Index(NamedTuple):
@@ -66,6 +68,8 @@ def _entry(record: dict[str, Any], lag_ns: int = 0) -> tuple[str, _Entry]:
         parse_rfc3339_ns(visible) if visible else (stopped_ns + lag_ns if lag_ns > 0 else None),
         record.get("projectId") or "",
         bytes(memoryview(body)),
+        record.get("environmentClassId") or "",
+        record.get("runnerId") or "",
     )
 
 
@@ -87,6 +91,7 @@ class UsageStore:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self.names: dict[str, str] = {}  # project, environment class and runner names by id
+        self.version = 0
         self._index: _Index | None = None
         self._project_indexes: dict[str, _Index] = {}
         self._lagged: tuple[list[int], list[str]] | None = None
@@ -130,9 +135,15 @@ class UsageStore:
             self._invalidate()
 
     def _invalidate(self) -> None:
+        self.version += 1  # lets derived data (the catalog lists) know when to rebuild
         self._index = None
         self._project_indexes = {}
         self._lagged = None
+
+    def referenced_ids(self) -> list[tuple[str, str, str]]:
+        """(projectId, environmentClassId, runnerId) of every record, "" where absent; no decoding."""
+        with self._lock:
+            return [(e.project_id, e.environment_class_id, e.runner_id) for e in self._entries.values()]
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -72,6 +72,7 @@ class EmulatorServer:
         self.control = control
         self.fault: Fault | None = None
         self.denied: set[str] = set()  # catalog kinds ("projects", ...) answered with permission_denied
+        self._catalog_cache: tuple[tuple[int, int, int], dict[str, list[dict[str, Any]]]] | None = None
         self._injector: FaultInjector | None = None
         self._fault_config = FaultConfig()
         self._statuses: dict[int, int] = {}
@@ -321,8 +322,12 @@ class EmulatorServer:
         name, key = kind
         if name in self.denied:
             raise ConnectError("permission_denied", f"the API key may not list {name.replace('_', ' ')}")
-        all_items = catalog.items(self.store.records(visible_only=False), self.store.names, name)
-        return 200, catalog.page(all_items, key, query, body), _JSON
+        stamp = (self.store.version, id(self.store.names), len(self.store.names))
+        if self._catalog_cache is None or self._catalog_cache[0] != stamp:
+            referenced = self.store.referenced_ids()  # one pass for all three lists
+            lists = {kind: catalog.items(referenced, self.store.names, kind) for kind, _ in catalog.ENDPOINTS.values()}
+            self._catalog_cache = (stamp, lists)
+        return 200, catalog.page(self._catalog_cache[1][name], key, query, body), _JSON
 
     def _authorize(self, method: str, authorization: str) -> None:
         if method != "POST":
