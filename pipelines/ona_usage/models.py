@@ -105,6 +105,8 @@ def create_views(pipeline: dlt.Pipeline) -> bool:
         logger.info("no SQL views on the %s destination", pipeline.destination.destination_name)
         return False
     loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
+    if RESOURCE_NAME not in loaded:
+        return False  # no usage loaded yet, so no table for the views to read
     with pipeline.sql_client() as client:
         names = [client.make_qualified_table_name(n) for n in (RESOURCE_NAME, DAILY_VIEW, MONTHLY_VIEW)]
         name_tables = {t: client.make_qualified_table_name(t) for t, _, _ in NAMED if t in loaded}

@@ -311,9 +311,9 @@ def planned_windows(
     state = read_state(pipeline)
     if backfill:
         progress = state.backfills.get(backfill_key(*backfill, settings.project_id), {})
-        if progress.get("done"):
-            return []
-        return list(tile(to_utc(progress.get("through") or backfill[0]), backfill[1], size))
+        # An unfinished backfill continues after its last chunk; a finished one runs again whole.
+        start = backfill[0] if progress.get("done") else to_utc(progress.get("through") or backfill[0])
+        return list(tile(start, backfill[1], size))
     lookback = parse_duration(settings.lookback, name="lookback")
     initial = to_utc(state.initial_value or settings.start_date or default_start_date())
     lagged = initial if state.cursor is None else max(to_utc(state.cursor) - lookback, initial)

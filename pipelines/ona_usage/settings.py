@@ -67,6 +67,8 @@ class SyncSettings(BaseConfiguration):
         """Check every option up front, so a bad one fails before any request or write."""
         if require_key and not self.api_key:
             raise ConfigError(MISSING_KEY_MESSAGE)
+        if self.api_key and any(ch.isspace() or not ch.isprintable() for ch in self.api_key):
+            raise ConfigError("the API key contains spaces or control characters; check how it was set")
         _check(lambda: check_base_url(self.base_url, allow_insecure_http=self.allow_insecure_http))
         if self.start_date is not None:
             parse_date(self.start_date, "start date")
@@ -95,8 +97,8 @@ def resolve(overrides: dict[str, Any] | None = None) -> SyncSettings:
         settings = resolve_configuration(SyncSettings(), sections=SECTIONS, explicit_value=explicit)
     except Exception as exc:  # dlt reports bad config values with its own exception types
         raise ConfigError(f"bad configuration: {exc}") from None
-    if not settings.api_key:
-        settings.api_key = api_key_from_env()
+    # A key pasted with a newline would break the Authorization header (and land in its error).
+    settings.api_key = (settings.api_key or "").strip() or api_key_from_env()
     return settings
 
 
