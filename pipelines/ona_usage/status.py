@@ -42,7 +42,7 @@ def collect_status(settings: SyncSettings) -> dict[str, Any]:
             "start": _time(windows[0].start) if windows else None,
             "end": _time(windows[-1].end) if windows else None,
         },
-        "last_load": _last_load(pipeline, trace),
+        "last_load": _last_load(pipeline, trace, state.fetched_at),
         "table_stats": _table_stats(pipeline),
         "backfills": [
             {
@@ -60,8 +60,12 @@ def collect_status(settings: SyncSettings) -> dict[str, Any]:
     }
 
 
-def _last_load(pipeline: dlt.Pipeline, trace: Any) -> dict[str, Any] | None:
-    """The newest completed load that wrote usage rows; its duration from the local trace."""
+def _last_load(pipeline: dlt.Pipeline, trace: Any, fetched_at: Any) -> dict[str, Any] | None:
+    """The newest completed load that wrote usage rows, and how long its command took.
+
+    The duration comes from the local trace when this machine ran it, else from the state: a
+    sync records when it planned its range (`fetched_at`), and the load says when it ended.
+    """
     row = _query(
         pipeline,
         "SELECT l.load_id, l.inserted_at, count(*) FROM {table} AS t JOIN {loads} AS l ON l.load_id = t._dlt_load_id "
@@ -73,6 +77,9 @@ def _last_load(pipeline: dlt.Pipeline, trace: Any) -> dict[str, Any] | None:
     seconds = None
     if trace is not None and trace.finished_at and load_id in {str(i) for i in _trace_load_ids(trace)}:
         seconds = round((trace.finished_at - trace.started_at).total_seconds(), 3)
+    elif isinstance(fetched_at, datetime) and isinstance(inserted_at, datetime):
+        elapsed = (inserted_at - fetched_at).total_seconds()
+        seconds = round(elapsed, 3) if 0 <= elapsed < 86_400 else None
     return {"load_id": load_id, "finished_at": _time(inserted_at), "rows": rows, "seconds": seconds}
 
 
