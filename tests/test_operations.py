@@ -241,3 +241,31 @@ def test_logs_without_a_terminal_are_plain_lines(workdir, store, emulator):
     assert "\x1b" not in result.stderr + result.stdout
     assert "committed chunk 1" in result.stderr
     assert API_KEY not in result.stderr + result.stdout
+
+
+def test_a_pending_load_that_cannot_be_finished_is_discarded_and_the_sync_resumes(workdir, store, emulator, monkeypatch):
+    store.add(recent_records(300, days=3))
+    sync(emulator, start_date=pendulum.now("UTC").subtract(days=4).to_date_string())
+    store.add(make_records(pendulum.now("UTC").subtract(minutes=30), 4, "second"))
+    original_load, original_normalize = Pipeline.load, Pipeline.normalize
+    monkeypatch.setattr(Pipeline, "load", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("killed while loading")))
+    with pytest.raises(Exception, match="killed while loading"):
+        sync(emulator)
+    assert make_pipeline(settings.resolve({})).has_pending_data
+    monkeypatch.setattr(Pipeline, "load", original_load)
+
+    # what a SIGKILL in the middle of normalize leaves behind: a package dlt cannot move on
+    broken = {"left": 1}
+
+    def broken_normalize(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        if broken["left"]:
+            broken["left"] -= 1
+            raise OSError(39, "Directory not empty")
+        return original_normalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "normalize", broken_normalize)
+    store.add(make_records(pendulum.now("UTC").subtract(minutes=10), 3, "third"))
+    sync(emulator)
+
+    assert_table_equals(workdir / DB, store.records())
+    assert not make_pipeline(settings.resolve({})).has_pending_data

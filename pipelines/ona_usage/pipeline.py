@@ -271,13 +271,23 @@ def finish_pending(pipeline: dlt.Pipeline) -> None:
     """Load what a failed or killed run extracted but did not load, before fetching anything new.
 
     Its rows and its state belong together, so loading them keeps the table and the cursor
-    consistent; if the package is lost instead (a fresh machine), the destination's older state
-    rules, which is consistent too.
+    consistent; if the package is lost instead (a fresh machine, or one a kill left half
+    moved), the destination's older state rules, which is consistent too.
     """
-    if pipeline.has_pending_data:
-        logger.warning("finishing a load that an earlier run left pending")
+    if not pipeline.has_pending_data:
+        return
+    logger.warning("finishing a load that an earlier run left pending")
+    try:
         pipeline.normalize()
         pipeline.load()
+    except Exception as exc:  # a run killed mid-step can leave a package dlt cannot finish
+        logger.warning(
+            "could not finish it (%s); discarding the local pipeline folder and resuming from the "
+            "state stored in the destination",
+            str(exc).splitlines()[0],
+        )
+        # Only completed loads carry state in the destination, so this is the fresh-runner case.
+        pipeline.drop()
 
 
 def read_state(pipeline: dlt.Pipeline) -> SyncState:
