@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import pendulum
 import pytest
 
@@ -97,3 +98,14 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(workdir, emulator, args,
     assert API_KEY not in result.stderr
     assert emulator.requests == []
     assert list(Path(workdir).iterdir()) == []
+
+
+def test_demo_without_a_key_syncs_the_bundled_emulator_and_queries_it(workdir):
+    result = run_cli("demo", "--records", "3000", "--days", "10", cwd=workdir)
+
+    assert result.returncode == 0, result.stderr
+    assert "No API key given" in result.stdout
+    loaded = int(result.stdout.split("Loaded ")[1].split(" rows")[0].replace(",", ""))
+    with duckdb.connect(str(workdir / "ona-usage.duckdb"), read_only=True) as conn:
+        assert conn.execute("SELECT count(*) FROM ona_usage.environment_usage_records").fetchone() == (loaded,)
+    assert "backend" in result.stdout  # the example query names projects

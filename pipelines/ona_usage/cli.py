@@ -39,9 +39,9 @@ SYNC_OPTIONS = (
 )
 
 EXAMPLE_SQL = """\
-SELECT coalesce(project_id, '(no project)') AS project_id,
-       count(*) AS runs,
-       round(sum(date_diff('second', created_at, stopped_at)) / 3600.0, 1) AS hours
+SELECT coalesce(project_name, project_id, '(no project)') AS project,
+       sum(runs) AS runs,
+       round(sum(runtime_hours), 1) AS hours
 FROM {table}
 GROUP BY 1
 ORDER BY hours DESC
@@ -422,12 +422,12 @@ def print_example_query(config: SyncSettings) -> None:
 
     pipeline = make_pipeline(config)
     with pipeline.sql_client() as client:
-        table = client.make_qualified_table_name("environment_usage_records")
+        table = client.make_qualified_table_name("environment_usage_daily")
         sql = EXAMPLE_SQL.format(table=table)
         rows = client.execute_sql(sql)
     print("\nExample query, runtime hours by project:\n")
     print(sql + ";\n")
-    print(_format_table(["project_id", "runs", "hours"], rows))
+    print(_format_table(["project", "runs", "hours"], rows))
 
 
 def _format_table(header: list[str], rows: Sequence[Sequence[Any]]) -> str:
