@@ -46,14 +46,19 @@ def emulator(store: UsageStore) -> Iterator[EmulatorServer]:
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory with its own DuckDB file and dlt data dir, and no stray config."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt-data"))
+    isolate(monkeypatch, tmp_path)
+    return tmp_path
+
+
+def isolate(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Work in `root`, with its own dlt data dir, no telemetry and no config from outside."""
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DLT_DATA_DIR", str(root / "dlt-data"))
     monkeypatch.setenv("DLT_TELEMETRY_DISABLED", "1")
     monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
     for name in list(os.environ):
         if name.startswith(("SOURCES__", "DESTINATION__")) or name in KEY_ENV_VARS:
             monkeypatch.delenv(name)
-    return tmp_path
 
 
 def recent_records(count: int, days: int, seed: int = 7, **kwargs: Any) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import duckdb
 import pendulum
 import pytest
 
-from conftest import API_KEY, KEY_ENV_VARS, make_records, recent_records
+from conftest import API_KEY, isolate, make_records, recent_records
 from ona_emulator import EmulatorServer, UsageStore
 from ona_usage import report, settings
 from ona_usage.pipeline import make_pipeline, run_sync
@@ -34,17 +34,6 @@ HOSTILE_PROJECT = "<script>alert('p')</script> & co"
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: one synced organisation for the read-only tests
-
-
-def isolate(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
-    """What conftest's `workdir` does, for a directory shared by the module."""
-    monkeypatch.chdir(root)
-    monkeypatch.setenv("DLT_DATA_DIR", str(root / "dlt-data"))
-    monkeypatch.setenv("DLT_TELEMETRY_DISABLED", "1")
-    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
-    for name in list(os.environ):
-        if name.startswith(("SOURCES__", "DESTINATION__")) or name in KEY_ENV_VARS:
-            monkeypatch.delenv(name)
 
 
 def organisation() -> list[dict[str, Any]]:
