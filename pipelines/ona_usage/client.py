@@ -24,6 +24,8 @@ import pendulum
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from ona_usage import __version__
+from ona_usage.concurrency import AdaptiveLimit
+from ona_usage.transport import StdlibTransport, proxy_for
 from ona_usage.windows import Window, format_rfc3339
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ class UsageClient:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff: float = 0.5,
         allow_insecure_http: bool = False,
+        concurrency: int = 16,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not api_key:
@@ -110,19 +113,20 @@ class UsageClient:
         self._base = str(url).rstrip("/")
         self._usage_url = self._base + LIST_USAGE_PATH
         self._host = url.host
-        self._client_options: dict[str, Any] = {
-            "headers": {
+        self._url = url
+        self._headers = httpx.Headers(
+            {
                 "Authorization": f"Bearer {api_key}",
                 "Accept": "application/json",
                 "Content-Type": "application/json",
                 "User-Agent": f"ona-usage/{__version__}",
-            },
-            "timeout": timeout,
-            "follow_redirects": False,
-            "transport": transport,
-        }
+            }
+        )
+        self._timeout = (timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)).as_dict()
+        self._shared_transport = transport
+        self.limit = AdaptiveLimit(concurrency)
         self._local = threading.local()
-        self._clients: list[httpx.Client] = []
+        self._transports: list[httpx.BaseTransport] = []
         self._pause_until = 0.0  # monotonic time before which no thread sends (after a 429)
         self._lock = threading.Lock()
         self.requests = 0
@@ -136,18 +140,20 @@ class UsageClient:
 
     def close(self) -> None:
         with self._lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
-            client.close()
+            transports, self._transports = self._transports, []
+        for transport in transports:
+            transport.close()
 
-    def _http(self) -> httpx.Client:
+    def _transport(self) -> httpx.BaseTransport:
         """This thread's connection: one pool shared by many threads spends its time on locks."""
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = httpx.Client(**self._client_options)
+        if self._shared_transport is not None:  # given by the caller (tests): theirs to close
+            return self._shared_transport
+        transport = getattr(self._local, "transport", None)
+        if transport is None:
+            transport = self._local.transport = _new_transport(self._url)
             with self._lock:
-                self._clients.append(client)
-        return client
+                self._transports.append(transport)
+        return transport
 
     def pages(self, window: Window, project_id: str | None = None) -> Iterator[list[dict[str, Any]]]:
         """Yield each page's records for one window, following `nextToken` until it ends."""
@@ -211,14 +217,19 @@ class UsageClient:
             time.sleep(pause)
         with self._lock:
             self.requests += 1
+        request = httpx.Request(
+            "POST", url, params=params, headers=self._headers, content=content, extensions={"timeout": self._timeout}
+        )
         try:
-            response = self._http().post(url, params=params, content=content)
+            with self.limit.slot():
+                response = self._transport().handle_request(request)
+                response.read()
         except httpx.TimeoutException as exc:
             raise TransientApiError(f"the API did not answer in time ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             raise TransientApiError(f"connection to {self._host} failed: {type(exc).__name__}: {exc}") from None
         if response.is_redirect:
-            target = response.next_request.url.host if response.next_request else ""
+            target = _redirect_host(request.url, response)
             raise OnaApiError(
                 f"the API redirected (HTTP {response.status_code}) to {target or 'an unnamed location'}; "
                 "not following it with the API key (if that host is right, set --base-url to it)",
@@ -227,6 +238,7 @@ class UsageClient:
         if response.status_code != 200:
             error = _error_from(response, self._secret)
             if response.status_code == 429 and isinstance(error, TransientApiError):
+                self.limit.throttled()
                 with self._lock:
                     wait = error.retry_after if error.retry_after is not None else self.backoff
                     self._pause_until = max(self._pause_until, time.monotonic() + wait)
@@ -265,6 +277,19 @@ class UsageClient:
             self.max_attempts,
             wait,
         )
+
+
+def _new_transport(url: httpx.URL) -> httpx.BaseTransport:
+    """The standard library's HTTP client, unless a proxy is set: only httpx's transport knows those."""
+    proxy = proxy_for(url)
+    return httpx.HTTPTransport(proxy=proxy, trust_env=True) if proxy else StdlibTransport()
+
+
+def _redirect_host(url: httpx.URL, response: httpx.Response) -> str:
+    try:
+        return url.join(response.headers.get("location", "")).host
+    except httpx.InvalidURL:
+        return ""
 
 
 def _error_from(response: httpx.Response, secret: str) -> OnaApiError:

@@ -183,6 +183,7 @@ def _run(
         max_attempts=int(settings.max_attempts),
         timeout=httpx.Timeout(float(settings.timeout), connect=min(float(settings.timeout), 10.0)),
         allow_insecure_http=settings.allow_insecure_http,
+        concurrency=int(settings.workers),
     ) as client:
         stats.retries = lambda: client.retries
         # A bad key or URL fails here, before anything touches the destination or the state.

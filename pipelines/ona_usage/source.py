@@ -122,7 +122,9 @@ def ona_usage(
         key = api_key or settings.api_key_from_env()
         if not key:
             raise ValueError(settings.MISSING_KEY_MESSAGE)
-        client = UsageClient(key, base_url, page_size=page_size, allow_insecure_http=allow_insecure_http)
+        client = UsageClient(
+            key, base_url, page_size=page_size, allow_insecure_http=allow_insecure_http, concurrency=workers
+        )
     return usage_records(
         client,
         start_date=to_utc(start_date) if start_date else settings.default_start_date(),
