@@ -1,15 +1,19 @@
-"""How many requests a sync keeps in flight: enough to hide the API's latency, and no more.
+"""How many windows a sync fetches at once: enough to hide the API's latency, and no more.
 
-`--workers` threads fetch windows, but more requests at once only help while each one spends
-most of its time waiting for the server. Against a fast API the threads wait on each other for
-the GIL instead: measured on 2 cores against the local emulator (0 ms), 16 requests in flight
-took 28 s for a year of records and 4 took 19 s, while at 50 ms per request 16 are needed.
+Up to `--workers` threads fetch windows, a request at a time each, but more requests at once
+only help while each one spends most of its time waiting for the server. Against a fast API
+the threads wait on each other for the GIL instead: measured on 2 cores against the local
+emulator (0 ms), 16 windows at once took 28 s for a year of records and 4 took 19 s, while at
+50 ms per request 16 are needed. The client measures every request (`measure`); the window
+fetcher starts a window only while fewer than `limit` are running. Gating whole windows, not
+each request, keeps the threads that wait asleep in the pool's queue instead of waking one per
+page.
 
 So the limit follows Little's law: with `w` seconds waiting for the server and `c` seconds of
-our own CPU per request, `1 + w / c` requests keep one core busy. `w` is a low percentile of
-the recent waits, since waits measured under contention include time queued for the GIL (the
-mean would feed on itself). A 429 halves the ceiling, which grows back by one after a run of
-successes (additive increase, multiplicative decrease).
+our own CPU per request, `1 + w / c` requests keep one core busy. `w` is the shortest of the
+recent waits, since waits measured under contention include time queued for the GIL (their
+mean would feed on itself). A 429 halves the limit in force and caps it there (the ceiling),
+which grows back by one after a run of successes (additive increase, multiplicative decrease).
 """
 
 from __future__ import annotations
@@ -26,49 +30,33 @@ ADJUST_EVERY = 8  # requests between two estimates
 
 
 class AdaptiveLimit:
-    """A semaphore whose size follows the measured latency, within `[1, maximum]`."""
+    """How many requests to keep in flight, from the measured latency, within `[1, maximum]`."""
 
     def __init__(self, maximum: int, *, start: int = 4) -> None:
         self.maximum = max(1, maximum)
-        self.limit = min(start, self.maximum)
+        self.limit = min(max(start, 1), self.maximum)
         self.ceiling = self.maximum
-        self._active = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._waits: deque[float] = deque(maxlen=SAMPLE)
         self._cpus: deque[float] = deque(maxlen=SAMPLE)
         self._done = 0
         self._since_throttle = 0
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the `limit` places for a request; time it if it succeeds."""
-        with self._cond:
-            while self._active >= self.limit:
-                self._cond.wait()
-            self._active += 1
+    def measure(self) -> Iterator[None]:
+        """Time one request; only those that succeed count (a failure's time says nothing)."""
         wall, cpu = time.perf_counter(), time.thread_time()
-        succeeded = False
-        try:
-            yield
-            succeeded = True
-        finally:
-            self._release(time.perf_counter() - wall, time.thread_time() - cpu, succeeded)
+        yield
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        with self._lock:
+            self._record(wall, cpu)
 
     def throttled(self) -> None:
         """The API answered 429: halve what we send at once until it has recovered."""
-        with self._cond:
+        with self._lock:
             self.ceiling = max(1, min(self.ceiling, self.limit) // 2)
             self.limit = min(self.limit, self.ceiling)
             self._since_throttle = 0
-
-    def _release(self, wall: float, cpu: float, succeeded: bool) -> None:
-        with self._cond:
-            self._active -= 1
-            if succeeded:
-                self._record(wall, cpu)
-            # Wake only as many as may go: waking all of `--workers` threads for one place is a
-            # thundering herd, measured as seconds of system time.
-            self._cond.notify(self.limit - self._active)
 
     def _record(self, wall: float, cpu: float) -> None:
         self._waits.append(max(wall - cpu, 0.0))

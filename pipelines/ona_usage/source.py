@@ -15,6 +15,7 @@ does not move, and the backfill's own progress is kept under `backfills` in the 
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +28,7 @@ from dlt.extract.resource import DltResource
 
 from ona_usage import settings
 from ona_usage.client import UsageClient
-from ona_usage.records import COLUMNS, to_table
+from ona_usage.records import COLUMNS, first_of_each_id, from_pages
 from ona_usage.windows import Window, format_rfc3339, parse_duration, parse_window_size, tile, to_utc
 
 RESOURCE_NAME = "environment_usage_records"
@@ -157,7 +158,9 @@ def usage_records(
 
     @dlt.resource(
         name=RESOURCE_NAME,
-        write_disposition="merge",
+        # Each load's rows are unique by `id` (`first_of_each_id`), which spares the warehouse a
+        # window function over every load's rows; `id`s already in the table are replaced.
+        write_disposition={"disposition": "merge", "strategy": "delete-insert", "deduplicated": True},
         primary_key="id",
         columns=COLUMNS,
     )
@@ -179,9 +182,11 @@ def usage_records(
             plan = _plan_alone(client, to_utc(stopped_at.start_value), state, end_date, window_size, lookback, project_id, workers)
         try:
             batch: list[pa.Table] = []
+            seen: set[str] = set()
             for _ in plan.windows:
                 window, pages, table = plan.fetcher.next()
                 stats.window_done(window, pages, table.num_rows)
+                table = first_of_each_id(table, seen)
                 if table.num_rows:
                     batch.append(table)
                 # dlt writes each item it gets as Parquet: a few large tables beat many small ones.
@@ -243,7 +248,8 @@ class WindowFetcher:
 
     It keeps up to `lookahead` windows (at least `2 * workers`) in flight or ready, also while
     dlt normalizes and loads the previous chunk, so the API is not idle while the warehouse
-    works; a chunk's worth of lookahead keeps both busy.
+    works; a chunk's worth of lookahead keeps both busy. Of those, it runs at most as many at
+    once as the client's adaptive limit allows (see `concurrency.py`), up to `workers`.
     """
 
     def __init__(
@@ -252,9 +258,12 @@ class WindowFetcher:
         self._client = client
         self._project_id = project_id
         self._todo = iter(windows)
-        self._limit = max(2 * max(workers, 1), lookahead)
-        self._pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="ona-window")
+        self._workers = max(workers, 1)
+        self._lookahead = max(2 * self._workers, lookahead)
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="ona-window")
         self._pending: deque[Future[tuple[Window, int, pa.Table]]] = deque()
+        self._running = 0
+        self._lock = threading.RLock()  # a done callback may run inside `_fill`, on this thread
         self._fill()
 
     def __enter__(self) -> WindowFetcher:
@@ -265,26 +274,34 @@ class WindowFetcher:
 
     def next(self) -> tuple[Window, int, pa.Table]:
         """The next window's page count and table; raises what fetching it raised."""
-        future = self._pending.popleft()
+        with self._lock:
+            future = self._pending.popleft()
         self._fill()
         return future.result()
 
     def close(self) -> None:
-        for future in self._pending:
-            future.cancel()
+        with self._lock:
+            self._todo = iter(())
+            for future in self._pending:
+                future.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _fill(self) -> None:
-        while len(self._pending) < self._limit:
-            window = next(self._todo, None)
-            if window is None:
-                return
-            self._pending.append(self._pool.submit(self._fetch, window))
+        with self._lock:
+            while len(self._pending) < self._lookahead and self._running < min(self._client.limit.limit, self._workers):
+                window = next(self._todo, None)
+                if window is None:
+                    return
+                self._running += 1
+                future = self._pool.submit(self._fetch, window)
+                self._pending.append(future)
+                future.add_done_callback(self._finished)
+
+    def _finished(self, _: Future[tuple[Window, int, pa.Table]]) -> None:
+        with self._lock:
+            self._running -= 1
+        self._fill()
 
     def _fetch(self, window: Window) -> tuple[Window, int, pa.Table]:
-        records: list[dict] = []
-        pages = 0
-        for page in self._client.pages(window, self._project_id):
-            records.extend(page)
-            pages += 1
-        return window, pages, to_table(records, window)
+        pages = list(self._client.raw_pages(window, self._project_id))
+        return window, len(pages), from_pages(pages, window)

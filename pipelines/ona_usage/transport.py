@@ -36,10 +36,11 @@ class StdlibTransport(httpx.BaseTransport):
         timeout = request.extensions.get("timeout", {})
         body = request.read()
         target = request.url.raw_path.decode("ascii")
-        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw]
+        headers = _framed_headers(request, body)
         for attempt in (1, 2):
             connection, reused = self._connect(request.url, timeout)
             try:
+                connection.sock.settimeout(timeout.get("read"))
                 connection.putrequest(request.method, target, skip_host=True, skip_accept_encoding=True)
                 for name, value in headers:
                     connection.putheader(name, value)
@@ -89,8 +90,6 @@ class StdlibTransport(httpx.BaseTransport):
             raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
         except OSError as exc:
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from None
-        assert connection.sock is not None
-        connection.sock.settimeout(timeout.get("read"))
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connection, self._origin = connection, origin
         return connection, False
@@ -99,6 +98,19 @@ class StdlibTransport(httpx.BaseTransport):
         if self._connection is not None:
             self._connection.close()
         self._connection = self._origin = None
+
+
+def _framed_headers(request: httpx.Request, body: bytes) -> list[tuple[str, str]]:
+    """The request's headers, with a streamed body's chunked framing replaced by its length.
+
+    The body is read whole before sending (it is a small JSON document), so it goes out with a
+    `Content-Length`, which every server understands.
+    """
+    headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw]
+    if not any(name.lower() == "transfer-encoding" for name, _ in headers):
+        return headers
+    framed = [(name, value) for name, value in headers if name.lower() not in ("transfer-encoding", "content-length")]
+    return [*framed, ("Content-Length", str(len(body)))]
 
 
 def proxy_for(url: httpx.URL) -> str | None:
