@@ -126,10 +126,6 @@ def open_destination(settings: SyncSettings, destination: Destination) -> Iterat
     connection = duckdb.connect(duckdb_path())
     # DuckDB would take up to 80% of RAM as cache; a chunk's merge needs a small part of it.
     connection.execute("SET memory_limit = ?", [settings.duckdb_memory_limit])
-    import os
-    for k, v in os.environ.items():
-        if k.startswith("XDUCK_"):
-            connection.execute(f"SET {k[6:].lower()} = {v}")
     try:
         yield dlt.destinations.duckdb(credentials=connection)
     finally:

@@ -293,15 +293,15 @@ class WindowFetcher:
                 if window is None:
                     return
                 self._running += 1
-                future = self._pool.submit(self._fetch, window)
-                self._pending.append(future)
-                future.add_done_callback(self._finished)
-
-    def _finished(self, _: Future[tuple[Window, int, pa.Table]]) -> None:
-        with self._lock:
-            self._running -= 1
-        self._fill()
+                self._pending.append(self._pool.submit(self._fetch, window))
 
     def _fetch(self, window: Window) -> tuple[Window, int, pa.Table]:
-        pages = list(self._client.raw_pages(window, self._project_id))
-        return window, len(pages), from_pages(pages, window)
+        try:
+            pages = list(self._client.raw_pages(window, self._project_id))
+            return window, len(pages), from_pages(pages, window)
+        finally:
+            # Before the result is set, not in a done callback: `next()` may be waiting on this
+            # window, and must find the following one already submitted when it returns.
+            with self._lock:
+                self._running -= 1
+            self._fill()

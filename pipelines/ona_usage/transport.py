@@ -80,8 +80,11 @@ class StdlibTransport(httpx.BaseTransport):
         scheme, host, port = origin
         connection: http.client.HTTPConnection
         if scheme == "https":
-            context = self._ssl_context or httpx.create_ssl_context()
-            connection = http.client.HTTPSConnection(host, port, timeout=timeout.get("connect"), context=context)
+            if self._ssl_context is None:  # as httpx's: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR
+                self._ssl_context = httpx.create_ssl_context()
+            connection = http.client.HTTPSConnection(
+                host, port, timeout=timeout.get("connect"), context=self._ssl_context
+            )
         else:
             connection = http.client.HTTPConnection(host, port, timeout=timeout.get("connect"))
         try:

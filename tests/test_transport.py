@@ -1,0 +1,799 @@
+"""StdlibTransport and proxy_for: what goes over the wire, keep-alive, reconnects and errors,
+against real servers on 127.0.0.1 whose every byte the test scripts (and the emulator)."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pendulum
+import pytest
+
+from ona_emulator import EmulatorServer, UsageStore, generate_records
+from ona_usage import client as client_module
+from ona_usage.client import LIST_USAGE_PATH, UsageClient
+from ona_usage.transport import StdlibTransport, proxy_for
+from ona_usage.windows import Window
+
+KEY = "sk-transport-test-7d1c"
+START_TEXT, END_TEXT = "2025-03-01T00:00:00Z", "2025-03-02T00:00:00Z"
+WINDOW = Window(pendulum.datetime(2025, 3, 1, tz="UTC"), pendulum.datetime(2025, 3, 2, tz="UTC"))
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "REQUEST_METHOD")
+
+
+# -- a server scripted byte by byte ------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    """One request as the server read it off the socket."""
+
+    connection: int  # 1 for the first connection the server accepted, 2 for the next, ...
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+
+class Conn:
+    """The server's side of one accepted connection."""
+
+    def __init__(self, server: RawServer, sock: socket.socket, number: int) -> None:
+        self.server, self.sock, self.number = server, sock, number
+        self._buffer = b""
+
+    def _read_until(self, marker: bytes) -> bytes | None:
+        while marker not in self._buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self._buffer += data
+        head, self._buffer = self._buffer.split(marker, 1)
+        return head
+
+    def _read_exactly(self, size: int) -> bytes | None:
+        while len(self._buffer) < size:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self._buffer += data
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def read_request(self) -> Received | None:
+        """The next request, or None when the client closed the connection (or sent nonsense)."""
+        head = self._read_until(b"\r\n\r\n")
+        if head is None:
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, version = lines[0].split(" ")
+        headers = [(name, value.strip()) for name, value in (line.split(":", 1) for line in lines[1:])]
+        fields = {name.lower(): value for name, value in headers}
+        body = b""
+        if fields.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size_line = self._read_until(b"\r\n")
+                if size_line is None:
+                    return None
+                try:
+                    size = int(size_line, 16)
+                except ValueError:
+                    return None
+                chunk = self._read_exactly(size + 2)
+                if chunk is None:
+                    return None
+                if size == 0:
+                    break
+                body += chunk[:-2]
+        elif "content-length" in fields:
+            data = self._read_exactly(int(fields["content-length"]))
+            if data is None:
+                return None
+            body = data
+        received = Received(self.number, method, target, version, headers, body)
+        with self.server.lock:
+            self.server.received.append(received)
+        return received
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def client_closed(self, timeout: float = 3.0) -> bool:
+        """Wait for the client to close its end: True if it did within `timeout`."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self._buffer += data
+        except TimeoutError:
+            return False
+        finally:
+            self.sock.settimeout(None)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def reset(self) -> None:
+        """Close with a TCP RST instead of a FIN."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that runs `handler(conn)` on a thread for each connection."""
+
+    def __init__(self, handler: Callable[[Conn], None], backlog: int = 16) -> None:
+        self.handler = handler
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.accepted = 0
+        self.received: list[Received] = []
+        self.errors: list[BaseException] = []
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(None)
+            with self.lock:
+                self.accepted += 1
+                conn = Conn(self, sock, self.accepted)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: Conn) -> None:
+        try:
+            self.handler(conn)
+        except Exception as exc:  # noqa: BLE001 - reported by the fixture
+            self.errors.append(exc)
+        finally:
+            conn.sock.close()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self._acceptor.join(2)
+        self.listener.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RawServer]]:
+    servers: list[RawServer] = []
+
+    def start(handler: Callable[[Conn], None], **kwargs: int) -> RawServer:
+        servers.append(RawServer(handler, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+    for server in servers:
+        assert server.errors == [], f"server handler failed: {server.errors!r}"
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No proxy settings from the machine running the tests, in either case."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+def http_response(
+    status: int = 200,
+    body: bytes = b"",
+    *,
+    reason: str = "OK",
+    headers: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
+    length: bool = True,
+) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason}", *(f"{name}: {value}" for name, value in headers)]
+    if length:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def answer_all(conn: Conn, answer: Callable[[Received], bytes] | None = None) -> None:
+    """Keep-alive: answer each request on the connection until the client closes it."""
+    while (request := conn.read_request()) is not None:
+        conn.send(answer(request) if answer else http_response(200, f"{request.method} {request.target}".encode()))
+
+
+def send(
+    transport: httpx.BaseTransport,
+    method: str,
+    url: str,
+    *,
+    timeout: httpx.Timeout = httpx.Timeout(3.0),
+    **kwargs: object,
+) -> httpx.Response:
+    request = httpx.Request(method, url, extensions={"timeout": timeout.as_dict()}, **kwargs)  # type: ignore[arg-type]
+    return transport.handle_request(request)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# -- what goes over the wire -------------------------------------------------------------------
+
+
+def test_post_reaches_the_server_as_httpx_built_it_and_the_answer_comes_back_whole(
+    serve: Callable[..., RawServer],
+) -> None:
+    answer = http_response(
+        201,
+        b'{"ok":true}',
+        reason="Created",
+        headers=[("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Trace", "t-1")],
+    )
+    server = serve(lambda conn: answer_all(conn, lambda request: answer))
+    body = b'{"filter":{"x":1}}'
+    with StdlibTransport() as transport:
+        response = send(
+            transport,
+            "POST",
+            server.url("/api" + LIST_USAGE_PATH),
+            params={"pageSize": "5", "token": "a b/c+d"},
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            content=body,
+        )
+
+    assert response.status_code == 201
+    assert response.http_version == "HTTP/1.1"
+    assert response.headers.raw == [
+        (b"Content-Type", b"application/json"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"X-Trace", b"t-1"),
+        (b"Content-Length", b"11"),
+    ]
+    assert response.content == b'{"ok":true}'
+    assert response.json() == {"ok": True}
+
+    [received] = server.received
+    assert (received.method, received.version) == ("POST", "HTTP/1.1")
+    assert received.target == "/api/gitpod.v1.UsageService/ListEnvironmentUsageRecords?pageSize=5&token=a+b%2Fc%2Bd"
+    # Exactly httpx's headers, in order: nothing of http.client's own (no second Host, no
+    # `Accept-Encoding: identity`).
+    assert received.headers == [
+        ("Host", f"127.0.0.1:{server.port}"),
+        ("Authorization", f"Bearer {KEY}"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+    ]
+    assert received.body == body
+
+
+def test_get_without_body_sends_no_content_length_and_no_body(serve: Callable[..., RawServer]) -> None:
+    server = serve(answer_all)
+    with StdlibTransport() as transport:
+        response = send(transport, "GET", server.url("/path/x?q=1"))
+        follow_up = send(transport, "POST", server.url("/next"), content=b"z")
+    assert response.status_code == 200 and response.content == b"GET /path/x?q=1"
+    assert follow_up.content == b"POST /next"
+    first, second = server.received
+    assert first.headers == [("Host", f"127.0.0.1:{server.port}")] and first.body == b""
+    # Had the GET sent a stray body, the POST would have been read from the wrong place.
+    assert (second.method, second.target, second.body) == ("POST", "/next", b"z")
+    assert server.accepted == 1
+
+
+def test_post_with_empty_body_sends_content_length_zero(serve: Callable[..., RawServer]) -> None:
+    server = serve(answer_all)
+    with StdlibTransport() as transport:
+        assert send(transport, "POST", server.url("/empty")).status_code == 200
+    [received] = server.received
+    assert received.header("Content-Length") == ["0"] and received.body == b""
+
+
+def test_chunked_response_is_decoded(serve: Callable[..., RawServer]) -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n"
+    )
+    server = serve(lambda conn: answer_all(conn, lambda request: chunked))
+    with StdlibTransport() as transport:
+        first = send(transport, "GET", server.url("/a"))
+        second = send(transport, "GET", server.url("/b"))
+    assert first.content == second.content == b"hello world"
+    assert server.accepted == 1  # the chunked body was read to its end: the connection stayed usable
+
+
+def test_gzip_body_is_decoded_like_httpx_does(serve: Callable[..., RawServer]) -> None:
+    payload = b'{"records":[]}' * 20
+    compressed = gzip.compress(payload)
+    server = serve(
+        lambda conn: answer_all(conn, lambda request: http_response(200, compressed, headers=[("Content-Encoding", "gzip")]))
+    )
+    with StdlibTransport() as transport:
+        response = send(transport, "GET", server.url())
+    assert response.content == payload
+    assert response.headers["content-length"] == str(len(compressed))
+
+
+# -- keep-alive --------------------------------------------------------------------------------
+
+
+def test_keep_alive_sends_every_request_over_one_connection(serve: Callable[..., RawServer]) -> None:
+    server = serve(answer_all)
+    with StdlibTransport() as transport:
+        bodies = [send(transport, "POST", server.url(f"/r{i}"), content=b"x" * i).content for i in range(5)]
+    assert bodies == [f"POST /r{i}".encode() for i in range(5)]
+    assert server.accepted == 1
+    assert [(r.connection, r.target, r.body) for r in server.received] == [(1, f"/r{i}", b"x" * i) for i in range(5)]
+
+
+def test_connection_close_in_the_response_closes_the_connection_and_the_next_request_opens_one(
+    serve: Callable[..., RawServer],
+) -> None:
+    closed_by_client: dict[int, bool] = {}
+    done = threading.Event()
+
+    def handler(conn: Conn) -> None:
+        if conn.number == 1:
+            conn.read_request()
+            # The server says it will close but leaves the socket open: the client must close.
+            conn.send(http_response(200, b"bye", headers=[("Connection", "close")]))
+            closed_by_client[1] = conn.client_closed()
+            done.set()
+        else:
+            answer_all(conn)
+
+    server = serve(handler)
+    with StdlibTransport() as transport:
+        first = send(transport, "GET", server.url("/first"))
+        assert first.content == b"bye" and first.headers["connection"] == "close"
+        assert done.wait(5) and closed_by_client == {1: True}
+        second = send(transport, "GET", server.url("/second"))
+        third = send(transport, "GET", server.url("/third"))
+    assert second.content == b"GET /second" and third.content == b"GET /third"
+    assert server.accepted == 2
+    assert [(r.connection, r.target) for r in server.received] == [(1, "/first"), (2, "/second"), (2, "/third")]
+
+
+def test_the_connection_opened_after_connection_close_gets_the_requests_read_timeout(
+    serve: Callable[..., RawServer],
+) -> None:
+    def handler(conn: Conn) -> None:
+        conn.read_request()
+        if conn.number == 1:
+            conn.send(http_response(200, b"bye", headers=[("Connection", "close")]))
+        conn.client_closed(timeout=5)  # the second connection never answers
+
+    server = serve(handler)
+    timeout = httpx.Timeout(5.0, connect=3.0, read=0.2)
+    with StdlibTransport() as transport:
+        assert send(transport, "GET", server.url("/1"), timeout=timeout).content == b"bye"
+        started = time.perf_counter()
+        with pytest.raises(httpx.ReadTimeout):
+            send(transport, "GET", server.url("/2"), timeout=timeout)
+        assert time.perf_counter() - started < 2.0  # the read timeout, not the connect one
+    assert server.accepted == 2
+
+
+def test_body_delimited_by_close_is_read_whole_and_the_next_request_opens_a_connection(
+    serve: Callable[..., RawServer],
+) -> None:
+    def handler(conn: Conn) -> None:
+        conn.read_request()
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it, up to the close")
+        conn.close()
+
+    server = serve(handler)
+    with StdlibTransport() as transport:
+        first = send(transport, "GET", server.url("/1"))
+        second = send(transport, "GET", server.url("/2"))
+    assert first.content == second.content == b"all of it, up to the close"
+    assert server.accepted == 2
+    assert [(r.connection, r.target) for r in server.received] == [(1, "/1"), (2, "/2")]
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_connection_closed_by_the_server_while_idle_is_reopened_once_transparently(
+    how: str, serve: Callable[..., RawServer]
+) -> None:
+    idle_closed = threading.Event()
+
+    def handler(conn: Conn) -> None:
+        if conn.number == 1:
+            conn.read_request()
+            conn.send(http_response(200, b"first", headers=[("Connection", "keep-alive")]))
+            time.sleep(0.05)  # let the answer reach the client before a RST could overtake it
+            conn.reset() if how == "rst" else conn.close()
+            idle_closed.set()
+        else:
+            answer_all(conn)
+
+    server = serve(handler)
+    with StdlibTransport() as transport:
+        assert send(transport, "GET", server.url("/one")).content == b"first"
+        assert idle_closed.wait(5)
+        time.sleep(0.05)  # the FIN or RST has reached the client's socket
+        response = send(transport, "POST", server.url("/two"), content=b"payload")
+        assert response.status_code == 200 and response.content == b"POST /two"
+        assert send(transport, "GET", server.url("/three")).content == b"GET /three"
+    assert server.accepted == 2
+    # The request that met the dead connection reached the server once, on the new connection.
+    assert [(r.connection, r.target, r.body) for r in server.received] == [
+        (1, "/one", b""),
+        (2, "/two", b"payload"),
+        (2, "/three", b""),
+    ]
+
+
+def test_reconnect_after_an_idle_close_is_tried_only_once(serve: Callable[..., RawServer]) -> None:
+    idle_closed = threading.Event()
+
+    def handler(conn: Conn) -> None:
+        conn.read_request()
+        if conn.number == 1:
+            conn.send(http_response(200, b"first"))
+            conn.close()
+            idle_closed.set()
+        # every later connection: read the request, then hang up without an answer
+
+    server = serve(handler)
+    with StdlibTransport() as transport:
+        assert send(transport, "GET", server.url("/one")).content == b"first"
+        assert idle_closed.wait(5)
+        time.sleep(0.05)
+        with pytest.raises(httpx.RemoteProtocolError):
+            send(transport, "GET", server.url("/two"))
+        assert server.accepted == 2  # the dead connection, then one fresh try: not a third
+        assert [(r.connection, r.target) for r in server.received] == [(1, "/one"), (2, "/two")]
+
+
+def test_fresh_connection_closed_without_an_answer_is_not_retried(serve: Callable[..., RawServer]) -> None:
+    server = serve(lambda conn: conn.read_request())  # then the connection closes
+    with StdlibTransport() as transport, pytest.raises(httpx.RemoteProtocolError):
+        send(transport, "POST", server.url("/once"), content=b"x")
+    assert server.accepted == 1
+    assert [(r.connection, r.target) for r in server.received] == [(1, "/once")]
+
+
+def test_close_hangs_up_and_the_next_request_opens_a_new_connection(serve: Callable[..., RawServer]) -> None:
+    closed_by_client: list[bool] = []
+    done = threading.Event()
+
+    def handler(conn: Conn) -> None:
+        if conn.number == 1:
+            conn.read_request()
+            conn.send(http_response(200, b"one"))
+            closed_by_client.append(conn.client_closed())
+            done.set()
+        else:
+            answer_all(conn)
+
+    server = serve(handler)
+    transport = StdlibTransport()
+    assert send(transport, "GET", server.url("/a")).content == b"one"
+    transport.close()
+    assert done.wait(5) and closed_by_client == [True]
+    transport.close()  # closing twice is harmless
+    assert send(transport, "GET", server.url("/b")).content == b"GET /b"
+    transport.close()
+    assert server.accepted == 2
+
+
+def test_a_request_to_another_origin_closes_the_old_connection(serve: Callable[..., RawServer]) -> None:
+    closed_by_client: list[bool] = []
+    done = threading.Event()
+
+    def handler_a(conn: Conn) -> None:
+        if conn.number == 1:
+            conn.read_request()
+            conn.send(http_response(200, b"A"))
+            closed_by_client.append(conn.client_closed())
+            done.set()
+        else:
+            answer_all(conn, lambda request: http_response(200, b"A again"))
+
+    server_a = serve(handler_a)
+    server_b = serve(lambda conn: answer_all(conn, lambda request: http_response(200, b"B")))
+    with StdlibTransport() as transport:
+        assert send(transport, "GET", server_a.url()).content == b"A"
+        assert send(transport, "GET", server_b.url()).content == b"B"
+        assert done.wait(5) and closed_by_client == [True]
+        assert send(transport, "GET", server_a.url()).content == b"A again"
+    assert (server_a.accepted, server_b.accepted) == (2, 1)
+    assert [r.header("Host") for r in server_b.received] == [[f"127.0.0.1:{server_b.port}"]]
+
+
+# -- failures mapped to httpx's exceptions -----------------------------------------------------
+
+
+def test_refused_port_raises_connect_error() -> None:
+    with StdlibTransport() as transport, pytest.raises(httpx.ConnectError, match="ConnectionRefusedError"):
+        send(transport, "GET", f"http://127.0.0.1:{free_port()}/")
+
+
+def test_connect_that_is_never_accepted_raises_connect_timeout(serve: Callable[..., RawServer]) -> None:
+    # A listener with a full accept queue drops new SYNs, so the connect hangs until its timeout.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(16):
+            filler = socket.socket()
+            filler.settimeout(0.2)
+            fillers.append(filler)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break
+        else:
+            pytest.skip("this kernel accepts connections beyond the listen backlog")
+        started = time.perf_counter()
+        with StdlibTransport() as transport, pytest.raises(httpx.ConnectTimeout):
+            send(transport, "GET", f"http://127.0.0.1:{port}/", timeout=httpx.Timeout(5.0, connect=0.3))
+        assert time.perf_counter() - started < 3.0  # the connect timeout, not the read one
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def test_server_that_never_answers_raises_read_timeout_and_the_connection_is_dropped(
+    serve: Callable[..., RawServer],
+) -> None:
+    closed_by_client: list[bool] = []
+    done = threading.Event()
+
+    def handler(conn: Conn) -> None:
+        if conn.number == 1:
+            conn.read_request()
+            closed_by_client.append(conn.client_closed(timeout=5))  # no answer, ever
+            done.set()
+        else:
+            answer_all(conn)
+
+    server = serve(handler)
+    with StdlibTransport() as transport:
+        started = time.perf_counter()
+        with pytest.raises(httpx.ReadTimeout):
+            send(transport, "GET", server.url("/slow"), timeout=httpx.Timeout(0.3))
+        assert time.perf_counter() - started < 3.0
+        assert done.wait(5) and closed_by_client == [True]
+        assert send(transport, "GET", server.url("/next")).content == b"GET /next"
+    assert server.accepted == 2
+
+
+def test_body_that_stalls_midway_raises_read_timeout(serve: Callable[..., RawServer]) -> None:
+    def handler(conn: Conn) -> None:
+        conn.read_request()
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        conn.client_closed(timeout=5)
+
+    server = serve(handler)
+    with StdlibTransport() as transport, pytest.raises(httpx.ReadTimeout):
+        send(transport, "GET", server.url(), timeout=httpx.Timeout(0.3))
+
+
+@pytest.mark.parametrize("reused", [False, True], ids=["fresh-connection", "kept-alive-connection"])
+def test_body_cut_short_raises_remote_protocol_error_without_retrying(
+    reused: bool, serve: Callable[..., RawServer]
+) -> None:
+    def handler(conn: Conn) -> None:
+        if reused:
+            conn.read_request()
+            conn.send(http_response(200, b"whole"))
+        conn.read_request()
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        conn.close()
+
+    server = serve(handler)
+    with StdlibTransport() as transport:
+        if reused:
+            assert send(transport, "GET", server.url("/whole")).content == b"whole"
+        with pytest.raises(httpx.RemoteProtocolError, match="IncompleteRead"):
+            send(transport, "GET", server.url("/cut"))
+    assert server.accepted == 1  # an answer that started is not sent again
+    assert [r.target for r in server.received] == (["/whole", "/cut"] if reused else ["/cut"])
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(b"garbage\r\n\r\n", id="no-status-line"),
+        pytest.param(b"HTTP/1.1 2OO OK\r\n\r\n", id="status-not-a-number"),
+        pytest.param(b"HTTP/9.9 200 OK\r\nContent-Length: 0\r\n\r\n", id="unknown-version"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", id="bad-chunk-size"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n",
+            id="too-many-headers",
+        ),
+    ],
+)
+def test_garbage_answer_raises_remote_protocol_error_and_drops_the_connection(
+    garbage: bytes, serve: Callable[..., RawServer]
+) -> None:
+    closed_by_client: list[bool] = []
+    done = threading.Event()
+
+    def handler(conn: Conn) -> None:
+        if conn.number == 1:
+            conn.read_request()
+            conn.send(garbage)
+            closed_by_client.append(conn.client_closed())
+            done.set()
+        else:
+            answer_all(conn)
+
+    server = serve(handler)
+    with StdlibTransport() as transport:
+        with pytest.raises(httpx.RemoteProtocolError):
+            send(transport, "GET", server.url("/bad"))
+        assert done.wait(5) and closed_by_client == [True]  # a stream out of sync is not reused
+        assert send(transport, "GET", server.url("/good")).content == b"GET /good"
+    assert server.accepted == 2
+
+
+def test_each_request_gets_its_own_read_timeout_on_a_kept_alive_connection(serve: Callable[..., RawServer]) -> None:
+    # The socket's read timeout is set per request: the second request, on the connection the
+    # first one opened (with 0.2 s), waits for its own 5 s.
+    def handler(conn: Conn) -> None:
+        conn.read_request()
+        conn.send(http_response(200, b"fast"))
+        conn.read_request()
+        time.sleep(0.6)  # longer than the first request's 0.2 s, well within the second's 5 s
+        conn.send(http_response(200, b"slow"))
+
+    server = serve(handler)
+    with StdlibTransport() as transport:
+        assert send(transport, "GET", server.url("/fast"), timeout=httpx.Timeout(0.2)).content == b"fast"
+        assert send(transport, "GET", server.url("/slow"), timeout=httpx.Timeout(5.0)).content == b"slow"
+    assert [(r.connection, r.target) for r in server.received] == [(1, "/fast"), (1, "/slow")]
+    assert server.accepted == 1
+
+
+def test_streamed_request_body_is_sent_whole_with_a_content_length(serve: Callable[..., RawServer]) -> None:
+    # httpx marks a streamed body `Transfer-Encoding: chunked`; the transport reads it whole and
+    # sends it with a `Content-Length` instead, and no `Transfer-Encoding` at all.
+    server = serve(answer_all)
+    with StdlibTransport() as transport:
+        response = send(
+            transport, "POST", server.url("/stream"), content=iter([b"he", b"llo"]), timeout=httpx.Timeout(3.0)
+        )
+    assert response.status_code == 200
+    assert response.content == b"POST /stream"
+    [received] = server.received
+    assert received.body == b"hello"
+    assert received.header("Content-Length") == ["5"]
+    assert received.header("Transfer-Encoding") == []
+
+
+# -- proxies -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "expected"),
+    [
+        ({}, "https://app.gitpod.io/api", None),
+        ({"HTTPS_PROXY": "http://proxy.corp:3128"}, "https://app.gitpod.io/api", "http://proxy.corp:3128"),
+        ({"https_proxy": "http://lower.corp:3128"}, "https://app.gitpod.io/api", "http://lower.corp:3128"),
+        ({"HTTPS_PROXY": "http://proxy.corp:3128"}, "http://127.0.0.1:8080/api", None),
+        ({"HTTP_PROXY": "http://plain.corp:8080"}, "http://127.0.0.1:8080/api", "http://plain.corp:8080"),
+        ({"HTTP_PROXY": "http://plain.corp:8080"}, "https://app.gitpod.io/api", None),
+        ({"ALL_PROXY": "http://all.corp:1080"}, "https://app.gitpod.io/api", "http://all.corp:1080"),
+        (
+            {"HTTPS_PROXY": "http://proxy.corp:3128", "ALL_PROXY": "http://all.corp:1080"},
+            "https://app.gitpod.io/api",
+            "http://proxy.corp:3128",
+        ),
+        ({"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": "app.gitpod.io"}, "https://app.gitpod.io/api", None),
+        ({"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": ".gitpod.io"}, "https://app.gitpod.io/api", None),
+        ({"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": "localhost, gitpod.io"}, "https://app.gitpod.io/api", None),
+        ({"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": "*"}, "https://app.gitpod.io/api", None),
+        ({"ALL_PROXY": "http://all.corp:1080", "no_proxy": "app.gitpod.io"}, "https://app.gitpod.io/api", None),
+        (
+            {"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": "example.com,other.io"},
+            "https://app.gitpod.io/api",
+            "http://proxy.corp:3128",
+        ),
+    ],
+)
+def test_proxy_for(env: dict[str, str], url: str, expected: str | None, no_proxy_env: pytest.MonkeyPatch) -> None:
+    for name, value in env.items():
+        no_proxy_env.setenv(name, value)
+    assert proxy_for(httpx.URL(url)) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, StdlibTransport),
+        ({"HTTPS_PROXY": "http://proxy.corp:3128"}, httpx.HTTPTransport),
+        ({"ALL_PROXY": "http://all.corp:1080"}, httpx.HTTPTransport),
+        ({"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": "app.gitpod.io"}, StdlibTransport),
+        ({"HTTP_PROXY": "http://plain.corp:8080"}, StdlibTransport),  # only for http URLs
+    ],
+)
+def test_usage_client_uses_the_stdlib_transport_unless_a_proxy_is_set(
+    env: dict[str, str], expected: type, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        no_proxy_env.setenv(name, value)
+    assert type(client_module._new_transport(httpx.URL("https://app.gitpod.io/api"))) is expected
+    with UsageClient(KEY, "https://app.gitpod.io/api") as client:
+        transport = client._transport()
+        assert type(transport) is expected
+        assert client._transport() is transport  # one per thread, kept
+        other: list[httpx.BaseTransport] = []
+        thread = threading.Thread(target=lambda: other.append(client._transport()))
+        thread.start()
+        thread.join(5)
+        assert type(other[0]) is expected and other[0] is not transport  # another thread, its own
+
+
+def test_usage_client_sends_through_the_proxy_from_the_environment(
+    serve: Callable[..., RawServer], no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    proxy = serve(lambda conn: answer_all(conn, lambda request: http_response(200, b'{"records":[]}')))
+    no_proxy_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    api = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there: only the proxy can answer
+    with UsageClient(KEY, api, max_attempts=1) as client:
+        client.check_access()
+        assert type(client._transport()) is httpx.HTTPTransport
+    [received] = proxy.received
+    assert received.method == "POST"
+    assert received.target == f"{api}{LIST_USAGE_PATH}?pageSize=1"  # absolute form: a proxy request
+    assert received.header("Authorization") == [f"Bearer {KEY}"]
+
+
+# -- with the emulator -------------------------------------------------------------------------
+
+
+def test_usage_client_reconnects_without_a_retry_after_the_emulator_drops_its_connections(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    store = UsageStore(generate_records(5, START_TEXT, END_TEXT, 250))
+    truth = store.records(START_TEXT, END_TEXT)
+    assert len(truth) == 250
+    server = EmulatorServer(store, api_key=KEY).start()
+    port = server.port
+    try:
+        with UsageClient(KEY, server.url, backoff=0.01) as client:
+            assert type(client._transport()) is StdlibTransport
+            client.check_access()
+            # The emulator goes away and comes back on the same port: the kept-alive connection
+            # is dead, and the next request must reconnect without a retry of the client's.
+            server.stop()
+            server = EmulatorServer(store, api_key=KEY, port=port).start()
+            records = [record for page in client.pages(WINDOW) for record in page]
+        assert records == truth
+        assert client.requests == 1 + 3 and client.retries == 0
+        assert [entry["status"] for entry in server.requests] == [200, 200, 200]
+    finally:
+        server.stop()
