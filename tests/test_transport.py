@@ -797,3 +797,416 @@ def test_usage_client_reconnects_without_a_retry_after_the_emulator_drops_its_co
         assert [entry["status"] for entry in server.requests] == [200, 200, 200]
     finally:
         server.stop()
+
+
+# -- over TLS ----------------------------------------------------------------------------------
+# A throwaway CA and server certificates made with the `openssl` CLI, and the scripted server
+# above with TLS on each accepted connection: the same http.client path as against the API, with
+# certificate verification, hostname checks and SNI all real.
+
+import json  # noqa: E402 - imports for the TLS tests only
+import shutil  # noqa: E402
+import ssl  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ona_usage.client import OnaApiError, TransientApiError  # noqa: E402
+
+USAGE_BODY = b'{"records": [], "pagination": {}}'
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path  # the CA certificate, PEM: what SSL_CERT_FILE points at
+    ca_dir: Path  # a directory holding only the CA, under its subject hash: for SSL_CERT_DIR
+    cert: Path  # for localhost and 127.0.0.1, signed by the CA
+    key: Path
+    other_cert: Path  # signed by the same CA, but for another name only
+    other_key: Path
+
+
+def _openssl(*args: str | Path, cwd: Path) -> str:
+    done = subprocess.run(["openssl", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, f"openssl {' '.join(map(str, args))} failed: {done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl CLI to make test certificates with")
+    root = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")  # fast to generate
+    _openssl(
+        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=ona-usage throwaway test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext", "subjectKeyIdentifier=hash",
+        cwd=root,
+    )  # fmt: skip
+
+    def leaf(name: str, subject: str, alt_names: str) -> tuple[Path, Path]:
+        (root / f"{name}.ext").write_text(
+            f"subjectAltName={alt_names}\n"
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature\n"
+            "extendedKeyUsage=serverAuth\n"
+            "subjectKeyIdentifier=hash\n"
+            "authorityKeyIdentifier=keyid\n"
+        )
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=root)
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", str(len(name)),
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+            cwd=root,
+        )  # fmt: skip
+        return root / f"{name}.pem", root / f"{name}.key"
+
+    cert, key = leaf("server", "/CN=localhost", "DNS:localhost,IP:127.0.0.1")
+    other_cert, other_key = leaf("other", "/CN=api.example.test", "DNS:api.example.test")
+    ca_dir = root / "certs"
+    ca_dir.mkdir()
+    subject_hash = _openssl("x509", "-in", "ca.pem", "-noout", "-subject_hash", cwd=root).strip()
+    shutil.copy(root / "ca.pem", ca_dir / f"{subject_hash}.0")
+    return Pki(root / "ca.pem", ca_dir, cert, key, other_cert, other_key)
+
+
+class TlsServer(RawServer):
+    """RawServer with a TLS handshake on each accepted connection, before the handler runs."""
+
+    def __init__(self, handler: Callable[[Conn], None], cert: Path, key: Path) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.context.sni_callback = self._sni
+        self.server_names: list[str | None] = []  # the SNI of each handshake, as the client sent it
+        self.handshakes = 0  # completed
+        self.handshake_errors: list[str] = []  # failed, e.g. the client rejected the certificate
+        super().__init__(handler)
+
+    def _sni(self, ssl_socket: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        with self.lock:
+            self.server_names.append(server_name)
+
+    def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
+        return f"https://{host}:{self.port}{path}"
+
+    def _serve(self, conn: Conn) -> None:
+        conn.sock.settimeout(5)
+        try:
+            conn.sock = self.context.wrap_socket(conn.sock, server_side=True)
+        except OSError as exc:  # ssl.SSLError included
+            with self.lock:
+                self.handshake_errors.append(f"{type(exc).__name__}: {exc}")
+            conn.sock.close()
+            return
+        conn.sock.settimeout(None)
+        with self.lock:
+            self.handshakes += 1
+        super()._serve(conn)
+
+
+@pytest.fixture
+def serve_tls(pki: Pki) -> Iterator[Callable[..., TlsServer]]:
+    servers: list[TlsServer] = []
+
+    def start(handler: Callable[[Conn], None], *, cert: Path | None = None, key: Path | None = None) -> TlsServer:
+        servers.append(TlsServer(handler, cert or pki.cert, key or pki.key))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+    for server in servers:
+        assert server.errors == [], f"server handler failed: {server.errors!r}"
+
+
+@pytest.fixture
+def ca_env(pki: Pki, no_proxy_env: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Trust the throwaway CA the way a user behind a corporate CA would: SSL_CERT_FILE."""
+    no_proxy_env.delenv("SSL_CERT_DIR", raising=False)
+    no_proxy_env.setenv("SSL_CERT_FILE", str(pki.ca))
+    return no_proxy_env
+
+
+@pytest.fixture
+def no_ca_env(no_proxy_env: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Trust only the default CAs (certifi's), which do not include the throwaway CA."""
+    no_proxy_env.delenv("SSL_CERT_FILE", raising=False)
+    no_proxy_env.delenv("SSL_CERT_DIR", raising=False)
+    return no_proxy_env
+
+
+def json_answer(request: Received) -> bytes:
+    body = json.dumps({"method": request.method, "target": request.target, "body": request.body.decode()})
+    return http_response(200, body.encode(), headers=[("Content-Type", "application/json")])
+
+
+def settle(server: RawServer) -> None:
+    """Stop the server and wait for its threads, so its counts are final."""
+    server.close()
+
+
+def test_https_request_succeeds_with_the_ca_from_ssl_cert_file_and_keeps_one_tls_connection(
+    serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    server = serve_tls(lambda conn: answer_all(conn, json_answer))
+    with StdlibTransport() as transport:
+        first = send(transport, "POST", server.url("/api/x?pageSize=1"), content=b'{"n":1}')
+        second = send(transport, "POST", server.url("/api/y"), content=b'{"n":2}')
+    assert first.status_code == 200 and first.http_version == "HTTP/1.1"
+    assert first.content == b'{"method": "POST", "target": "/api/x?pageSize=1", "body": "{\\"n\\":1}"}'
+    assert first.json() == {"method": "POST", "target": "/api/x?pageSize=1", "body": '{"n":1}'}
+    assert second.json() == {"method": "POST", "target": "/api/y", "body": '{"n":2}'}
+    settle(server)
+    assert (server.accepted, server.handshakes, server.handshake_errors) == (1, 1, [])
+    assert [(r.connection, r.target) for r in server.received] == [(1, "/api/x?pageSize=1"), (1, "/api/y")]
+    assert server.received[0].header("Host") == [f"127.0.0.1:{server.port}"]
+    assert server.server_names == [None]  # no SNI for an IP address (RFC 6066)
+
+
+def test_https_to_localhost_sends_sni_and_checks_the_name(
+    serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    server = serve_tls(lambda conn: answer_all(conn, json_answer))
+    with StdlibTransport() as transport:
+        response = send(transport, "POST", server.url("/sni", host="localhost"), content=b"{}")
+    assert response.json()["target"] == "/sni"
+    settle(server)
+    assert server.server_names == ["localhost"]
+    assert server.received[0].header("Host") == [f"localhost:{server.port}"]
+
+
+def test_https_trusts_a_ca_directory_from_ssl_cert_dir(
+    pki: Pki, serve_tls: Callable[..., TlsServer], no_ca_env: pytest.MonkeyPatch
+) -> None:
+    no_ca_env.setenv("SSL_CERT_DIR", str(pki.ca_dir))
+    server = serve_tls(lambda conn: answer_all(conn, json_answer))
+    with StdlibTransport() as transport:
+        assert send(transport, "POST", server.url("/dir"), content=b"{}").json()["target"] == "/dir"
+
+
+def test_https_with_an_ssl_context_given_ignores_the_environment(
+    pki: Pki, serve_tls: Callable[..., TlsServer], no_ca_env: pytest.MonkeyPatch
+) -> None:
+    server = serve_tls(lambda conn: answer_all(conn, json_answer))
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    with StdlibTransport(ssl_context=context) as transport:
+        assert send(transport, "POST", server.url("/given"), content=b"{}").json()["target"] == "/given"
+
+
+def test_https_context_is_built_once_per_transport_and_kept_across_reconnects(
+    serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    server = serve_tls(lambda conn: answer_all(conn, json_answer))
+    with StdlibTransport() as transport:
+        assert send(transport, "POST", server.url("/1"), content=b"{}").status_code == 200
+        context = transport._ssl_context
+        assert context is not None
+        transport.close()
+        ca_env.delenv("SSL_CERT_FILE")  # too late: the transport already has its context
+        assert send(transport, "POST", server.url("/2"), content=b"{}").status_code == 200
+        assert transport._ssl_context is context
+    settle(server)
+    assert (server.accepted, server.handshakes) == (2, 2)
+
+
+def test_https_without_the_ca_fails_certificate_verification_once_without_retrying(
+    serve_tls: Callable[..., TlsServer], no_ca_env: pytest.MonkeyPatch
+) -> None:
+    server = serve_tls(lambda conn: answer_all(conn, json_answer))
+    with StdlibTransport() as transport:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED") as caught:
+            send(transport, "POST", server.url("/secret"), content=b'{"key":"not sent"}')
+        # The server sends its certificate alone, and no CA the client trusts issued it.
+        assert str(caught.value).startswith("SSLCertVerificationError: ")
+        assert "unable to get local issuer certificate" in str(caught.value)
+        assert transport._connection is None  # nothing half-open kept for the next request
+    settle(server)
+    # One TCP connection, one handshake that the client aborted, and not a byte of HTTP.
+    assert (server.accepted, server.handshakes, len(server.handshake_errors)) == (1, 0, 1)
+    assert "unknown ca" in server.handshake_errors[0].lower()
+    assert server.received == []
+
+
+def test_https_with_a_certificate_for_another_name_fails_the_hostname_check(
+    pki: Pki, serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    server = serve_tls(lambda conn: answer_all(conn, json_answer), cert=pki.other_cert, key=pki.other_key)
+    with StdlibTransport() as transport:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED.*mismatch"):
+            send(transport, "POST", server.url("/ip"), content=b"{}")
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED.*mismatch"):
+            send(transport, "POST", server.url("/name", host="localhost"), content=b"{}")
+    settle(server)
+    assert (server.accepted, server.handshakes, server.received) == (2, 0, [])
+
+
+def test_https_to_a_plain_http_server_raises_connect_error(
+    serve: Callable[..., RawServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    # A plain HTTP server reads the ClientHello as a bad request and answers in clear text.
+    def handler(conn: Conn) -> None:
+        conn.sock.recv(65536)
+        conn.send(http_response(400, b"this is plain http", reason="Bad Request"))
+
+    server = serve(handler)
+    with StdlibTransport() as transport, pytest.raises(httpx.ConnectError, match="SSLError"):
+        send(transport, "POST", f"https://127.0.0.1:{server.port}/", content=b"{}", timeout=httpx.Timeout(3.0))
+    settle(server)
+    assert (server.accepted, server.received) == (1, [])
+
+
+def test_https_handshake_that_never_completes_raises_connect_timeout(
+    serve: Callable[..., RawServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    # The TCP connection is accepted, but the server never says a word of TLS.
+    server = serve(lambda conn: conn.client_closed(timeout=5))
+    started = time.perf_counter()
+    with StdlibTransport() as transport, pytest.raises(httpx.ConnectTimeout):
+        send(transport, "POST", f"https://127.0.0.1:{server.port}/", timeout=httpx.Timeout(5.0, connect=0.3))
+    assert time.perf_counter() - started < 3.0
+    settle(server)
+    assert server.accepted == 1
+
+
+def _close_idle_tls(conn: Conn, how: str) -> None:
+    if how == "close_notify":  # a TLS close_notify, then the FIN; not waiting for the client's
+        conn.sock.setblocking(False)
+        try:
+            conn.sock.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        conn.close()
+    elif how == "fin":  # the FIN without a close_notify, as many servers and balancers do
+        conn.close()
+    else:
+        conn.reset()
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin", "rst"])
+def test_tls_connection_closed_by_the_server_while_idle_is_reopened_once_transparently(
+    how: str, serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    idle_closed = threading.Event()
+
+    def handler(conn: Conn) -> None:
+        if conn.number == 1:
+            conn.read_request()
+            conn.send(http_response(200, b"first"))
+            time.sleep(0.05)
+            _close_idle_tls(conn, how)
+            idle_closed.set()
+        else:
+            answer_all(conn)
+
+    server = serve_tls(handler)
+    with StdlibTransport() as transport:
+        assert send(transport, "GET", server.url("/one")).content == b"first"
+        assert idle_closed.wait(5)
+        time.sleep(0.05)
+        # A POST with a body, as UsageClient sends: http.client writes the head and the body in
+        # two writes, and the second meets the server's RST.
+        response = send(transport, "POST", server.url("/two"), content=b"payload")
+        assert response.content == b"POST /two"
+    settle(server)
+    assert (server.accepted, server.handshakes) == (2, 2)
+    assert [(r.connection, r.target, r.body) for r in server.received] == [(1, "/one", b""), (2, "/two", b"payload")]
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin"])
+def test_tls_connection_closed_while_idle_is_reopened_for_a_request_without_body(
+    how: str, serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    # One write only: the closed connection shows as an empty read (RemoteDisconnected).
+    idle_closed = threading.Event()
+
+    def handler(conn: Conn) -> None:
+        if conn.number == 1:
+            conn.read_request()
+            conn.send(http_response(200, b"first"))
+            time.sleep(0.05)
+            _close_idle_tls(conn, how)
+            idle_closed.set()
+        else:
+            answer_all(conn)
+
+    server = serve_tls(handler)
+    with StdlibTransport() as transport:
+        assert send(transport, "GET", server.url("/one")).content == b"first"
+        assert idle_closed.wait(5)
+        time.sleep(0.05)
+        assert send(transport, "GET", server.url("/two")).content == b"GET /two"
+    settle(server)
+    assert (server.accepted, server.handshakes) == (2, 2)
+    assert [(r.connection, r.target) for r in server.received] == [(1, "/one"), (2, "/two")]
+
+
+# -- UsageClient over TLS ----------------------------------------------------------------------
+
+
+def usage_answer(request: Received) -> bytes:
+    if request.method == "POST" and request.target.startswith("/api" + LIST_USAGE_PATH + "?"):
+        return http_response(200, USAGE_BODY, headers=[("Content-Type", "application/json")])
+    return http_response(404, b'{"code":"not_found","message":"no such path"}', reason="Not Found")
+
+
+def test_usage_client_checks_access_over_https_with_the_ca_from_ssl_cert_file(
+    serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    server = serve_tls(lambda conn: answer_all(conn, usage_answer))
+    with UsageClient(KEY, server.url("/api"), max_attempts=1) as client:
+        assert type(client._transport()) is StdlibTransport
+        client.check_access()
+        client.check_access()
+        assert (client.requests, client.retries) == (2, 0)
+    settle(server)
+    assert (server.accepted, server.handshakes) == (1, 1)
+    first, second = server.received
+    assert first.target == f"/api{LIST_USAGE_PATH}?pageSize=1" and second.connection == 1
+    assert first.header("Authorization") == [f"Bearer {KEY}"]
+    assert json.loads(first.body)["pagination"] == {"pageSize": 1}
+
+
+def test_usage_client_without_the_ca_fails_at_once_naming_the_certificate(
+    serve_tls: Callable[..., TlsServer], no_ca_env: pytest.MonkeyPatch
+) -> None:
+    server = serve_tls(lambda conn: answer_all(conn, usage_answer))
+    with UsageClient(KEY, server.url("/api"), max_attempts=3, backoff=0.01) as client:
+        with pytest.raises(OnaApiError) as caught:
+            client.check_access()
+        assert (client.requests, client.retries) == (1, 0)  # not retried: it cannot get better
+    message = str(caught.value)
+    assert not isinstance(caught.value, TransientApiError)
+    assert message.startswith("the TLS certificate of 127.0.0.1 could not be verified (SSLCertVerificationError:")
+    assert "CERTIFICATE_VERIFY_FAILED" in message and "SSL_CERT_FILE" in message
+    assert KEY not in message
+    settle(server)
+    assert (server.accepted, server.handshakes, len(server.handshake_errors), server.received) == (1, 0, 1, [])
+
+
+def test_usage_client_reconnects_without_a_retry_after_the_server_drops_an_idle_tls_connection(
+    serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    idle_closed = threading.Event()
+
+    def handler(conn: Conn) -> None:
+        if conn.number == 1:
+            request = conn.read_request()
+            assert request is not None
+            conn.send(usage_answer(request))
+            time.sleep(0.05)
+            conn.close()
+            idle_closed.set()
+        else:
+            answer_all(conn, usage_answer)
+
+    server = serve_tls(handler)
+    with UsageClient(KEY, server.url("/api"), max_attempts=3, backoff=0.01) as client:
+        client.check_access()
+        assert idle_closed.wait(5)
+        time.sleep(0.05)
+        client.check_access()
+    settle(server)
+    assert [r.connection for r in server.received] == [1, 2]
+    assert (client.requests, client.retries) == (2, 0)

@@ -25,7 +25,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from ona_usage import __version__
 from ona_usage.concurrency import AdaptiveLimit
-from ona_usage.transport import StdlibTransport, proxy_for
+from ona_usage.transport import CertificateError, StdlibTransport, proxy_for
 from ona_usage.windows import Window, format_rfc3339
 
 logger = logging.getLogger(__name__)
@@ -243,6 +243,11 @@ class UsageClient:
                 response.read()
         except httpx.TimeoutException as exc:
             raise TransientApiError(f"the API did not answer in time ({type(exc).__name__})") from None
+        except CertificateError as exc:
+            raise OnaApiError(
+                f"the TLS certificate of {self._host} could not be verified ({exc}); if a proxy re-signs "
+                "traffic, point SSL_CERT_FILE at its CA bundle"
+            ) from None
         except httpx.TransportError as exc:
             raise TransientApiError(f"connection to {self._host} failed: {type(exc).__name__}: {exc}") from None
         if response.is_redirect:

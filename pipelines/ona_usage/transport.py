@@ -16,12 +16,17 @@ nothing of proxies: `UsageClient` keeps httpx's transport when the environment s
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import ssl
 import urllib.request
 from typing import Any
 
 import httpx
+
+
+class CertificateError(httpx.ConnectError):
+    """The server's TLS certificate could not be verified: trying again will not change that."""
 
 
 class StdlibTransport(httpx.BaseTransport):
@@ -47,7 +52,7 @@ class StdlibTransport(httpx.BaseTransport):
                 connection.endheaders(body)
                 response = connection.getresponse()
                 content = response.read()  # raises IncompleteRead on a cut-off body
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
                 self.close()
                 if reused and attempt == 1:
                     continue  # the server closed an idle keep-alive connection: one fresh try
@@ -75,7 +80,8 @@ class StdlibTransport(httpx.BaseTransport):
     def _connect(self, url: httpx.URL, timeout: dict[str, Any]) -> tuple[http.client.HTTPConnection, bool]:
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         if self._connection is not None and self._origin == origin:
-            return self._connection, True
+            if not _dropped(self._connection):
+                return self._connection, True
         self.close()
         scheme, host, port = origin
         connection: http.client.HTTPConnection
@@ -91,6 +97,8 @@ class StdlibTransport(httpx.BaseTransport):
             connection.connect()
         except TimeoutError:
             raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise CertificateError(f"{type(exc).__name__}: {exc}") from None
         except OSError as exc:
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from None
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -101,6 +109,23 @@ class StdlibTransport(httpx.BaseTransport):
         if self._connection is not None:
             self._connection.close()
         self._connection = self._origin = None
+
+
+def _dropped(connection: http.client.HTTPConnection) -> bool:
+    """Whether the server closed a kept-alive connection while it was idle.
+
+    An idle connection has nothing to read; if the socket is readable, what is there is the
+    server's goodbye (EOF or a TLS close). Checked before each reuse, as httpcore does, so a
+    request is not first written into a dead socket.
+    """
+    sock = connection.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _framed_headers(request: httpx.Request, body: bytes) -> list[tuple[str, str]]:
