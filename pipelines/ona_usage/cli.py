@@ -218,7 +218,7 @@ def add_sync_arguments(parser: argparse.ArgumentParser, start_date: bool = True)
     parser.add_argument("--lookback", metavar="DURATION", help=f"re-read this much of the last run's range to catch late records (default {d.DEFAULT_LOOKBACK})")
     parser.add_argument("--chunk", metavar="DURATION", help=f"commit a load after this much of the range (default {d.DEFAULT_CHUNK})")
     parser.add_argument("--page-size", metavar="N", type=int, help=f"records per page, 1-100 (default {d.DEFAULT_PAGE_SIZE})")
-    parser.add_argument("--workers", metavar="N", type=int, help=f"windows fetched at once (default {d.DEFAULT_WORKERS})")
+    parser.add_argument("--workers", metavar="N", type=int, help=f"at most N windows fetched at once, fewer while the API answers fast (default {d.DEFAULT_WORKERS})")
     parser.add_argument(
         "--allow-insecure-http",
         action="store_true",

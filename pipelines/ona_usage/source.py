@@ -111,7 +111,7 @@ def ona_usage(
         window: Size of each request's date range: at most `1d`, e.g. `6h`.
         lookback: How much of the last run's range each run reads again, to catch late records.
         page_size: Records per page, 1 to 100.
-        workers: Windows fetched at once.
+        workers: At most this many windows fetched at once (see `concurrency.py`).
         allow_insecure_http: Allow a plain `http://` base URL that is not loopback.
         client: An existing client to use instead of `api_key`, `base_url` and `page_size`.
         stats: Counters the caller reads for progress and the run's summary.
@@ -160,7 +160,7 @@ def usage_records(
         name=RESOURCE_NAME,
         # Each load's rows are unique by `id` (`first_of_each_id`), which spares the warehouse a
         # window function over every load's rows; `id`s already in the table are replaced.
-        write_disposition={"disposition": "merge", "strategy": "delete-insert", "deduplicated": True},
+        write_disposition={"disposition": "merge", "deduplicated": True},
         primary_key="id",
         columns=COLUMNS,
     )

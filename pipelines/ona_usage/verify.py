@@ -15,7 +15,7 @@ import pendulum
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
 from ona_usage.client import UsageClient
-from ona_usage.records import FIELDS, to_table
+from ona_usage.records import FIELDS, from_pages
 from ona_usage.source import RESOURCE_NAME
 from ona_usage.windows import Window, format_rfc3339, tile
 
@@ -59,8 +59,8 @@ def reconcile(
     """Compare `[start, end)` one UTC day at a time."""
     reports = []
     for window in tile(start, end, pendulum.duration(days=1)):
-        records = [r for page in client.pages(window, project_id) for r in page]
-        api_rows = {row["id"]: _normalise(row) for row in to_table(records, window).to_pylist()}
+        table = from_pages(list(client.raw_pages(window, project_id)), window)
+        api_rows = {row["id"]: _normalise(row) for row in table.to_pylist()}
         stored = _warehouse_rows(pipeline, window, project_id)
         reports.append(
             DayReport(
