@@ -118,6 +118,7 @@ class UsageClient:
             {
                 "Authorization": f"Bearer {api_key}",
                 "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate",  # as httpx.Client asks: a page gzips to a fifth
                 "Content-Type": "application/json",
                 "User-Agent": f"ona-usage/{__version__}",
             }
