@@ -15,10 +15,7 @@ from collections.abc import Sequence
 
 import pendulum
 
-from .data import UsageStore
 from .faults import KINDS, FaultConfig, parse_kind
-from .generator import generate_organisation, organisation_names
-from .server import EmulatorServer
 
 
 def _instant(text: str) -> pendulum.DateTime:
@@ -135,6 +132,10 @@ def faults_from_args(ns: argparse.Namespace) -> FaultConfig:
 
 def serve_from_args(ns: argparse.Namespace) -> int:
     """Generate the data, serve it, and block until SIGINT/SIGTERM."""
+    from .data import UsageStore
+    from .generator import generate_organisation, organisation_names
+    from .server import EmulatorServer
+
     try:
         faults = faults_from_args(ns)
     except ValueError as error:
