@@ -70,8 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _use_jemalloc_for_arrow() -> None:
     """Arrow's default allocator (mimalloc) keeps a heap per thread, and a sync decodes pages on
     up to `--workers` threads: with jemalloc the peak memory of a year's sync is about 80 MB
-    lower (measured by `make bench`). A process-wide choice, so made here and not in the source.
+    lower (measured by `make bench`). A process-wide choice, so made here and not in the source,
+    and left to `ARROW_DEFAULT_MEMORY_POOL` when that is set.
     """
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
     import pyarrow as pa
 
     try:
