@@ -215,6 +215,21 @@ def test_429_waits_at_least_retry_after(headers: dict[str, str], at_least: float
     assert api.bodies[0] == api.bodies[1] and api.queries[0] == api.queries[1]
 
 
+def test_429_halves_how_many_windows_run_at_once_and_5xx_does_not() -> None:
+    api = FakeApi(
+        connect_error(429, "resource_exhausted", "slow down", **{"Retry-After": "0"}),
+        httpx.Response(503),
+        connect_error(429, "resource_exhausted", "slow down", **{"Retry-After": "0"}),
+        ok([rec(1)]),
+    )
+    with make_client(api, concurrency=16) as client:
+        assert (client.limit.limit, client.limit.ceiling) == (4, 16)  # it starts at 4
+        assert fetch(client) == [[rec(1)]]
+        # 4 -> 2 -> 1: each 429 halves what runs at once; the 503 is only retried.
+        assert (client.limit.limit, client.limit.ceiling) == (1, 1)
+        assert client.retries == 3
+
+
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
 def test_retryable_statuses_are_retried(status: int) -> None:
     api = FakeApi(httpx.Response(status, content=b"busy"), ok([rec(1)], "t"), httpx.Response(status), ok([rec(2)]))
