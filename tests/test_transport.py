@@ -4,12 +4,17 @@ against real servers on 127.0.0.1 whose every byte the test scripts (and the emu
 from __future__ import annotations
 
 import gzip
+import json
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pendulum
@@ -17,7 +22,7 @@ import pytest
 
 from ona_emulator import EmulatorServer, UsageStore, generate_records
 from ona_usage import client as client_module
-from ona_usage.client import LIST_USAGE_PATH, UsageClient
+from ona_usage.client import LIST_USAGE_PATH, OnaApiError, TransientApiError, UsageClient
 from ona_usage.transport import StdlibTransport, proxy_for
 from ona_usage.windows import Window
 
@@ -803,14 +808,6 @@ def test_usage_client_reconnects_without_a_retry_after_the_emulator_drops_its_co
 # A throwaway CA and server certificates made with the `openssl` CLI, and the scripted server
 # above with TLS on each accepted connection: the same http.client path as against the API, with
 # certificate verification, hostname checks and SNI all real.
-
-import json  # noqa: E402 - imports for the TLS tests only
-import shutil  # noqa: E402
-import ssl  # noqa: E402
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from ona_usage.client import OnaApiError, TransientApiError  # noqa: E402
 
 USAGE_BODY = b'{"records": [], "pagination": {}}'
 

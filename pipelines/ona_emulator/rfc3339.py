@@ -36,10 +36,13 @@ def _date_text(epoch_day: int) -> str:
 
 # "THH:MM:SS" for every second of a day, and "%"-formats per fraction width:
 # table lookups keep formatting a million records' timestamps under a second.
-@lru_cache(maxsize=1)
+_CLOCK: list[str] = []  # filled on first use: 86,400 strings are 50 ms an import should not cost
+
+
 def _clock() -> list[str]:
-    """Built on first use: 86,400 strings are 50 ms that importing the package should not cost."""
-    return [f"T{h:02d}:{m:02d}:{s:02d}" for h in range(24) for m in range(60) for s in range(60)]
+    if not _CLOCK:
+        _CLOCK.extend(f"T{h:02d}:{m:02d}:{s:02d}" for h in range(24) for m in range(60) for s in range(60))
+    return _CLOCK
 _FRACTIONS = [(10 ** (9 - d), f"%s%s.%0{d}dZ") for d in range(10)]
 
 
@@ -72,10 +75,11 @@ def format_rfc3339(ns: int, digits: int) -> str:
         raise ValueError(f"digits must be 0..9, got {digits}")
     seconds, nanos = divmod(ns, NS_PER_SECOND)
     day, second_of_day = divmod(seconds, _SECONDS_PER_DAY)
+    clock = _CLOCK or _clock()
     if not digits:
-        return f"{_date_text(day)}{_clock()[second_of_day]}Z"
+        return f"{_date_text(day)}{clock[second_of_day]}Z"
     divisor, template = _FRACTIONS[digits]
-    return template % (_date_text(day), _clock()[second_of_day], nanos // divisor)
+    return template % (_date_text(day), clock[second_of_day], nanos // divisor)
 
 
 def to_ns(value: dt.datetime | str) -> int:
