@@ -40,9 +40,12 @@ _CLOCK: list[str] = []  # filled on first use: 86,400 strings are 50 ms an impor
 
 
 def _clock() -> list[str]:
-    if not _CLOCK:
-        _CLOCK.extend(f"T{h:02d}:{m:02d}:{s:02d}" for h in range(24) for m in range(60) for s in range(60))
+    global _CLOCK
+    if not _CLOCK:  # built whole, then bound: threads that race here build equal tables
+        _CLOCK = [f"T{h:02d}:{m:02d}:{s:02d}" for h in range(24) for m in range(60) for s in range(60)]
     return _CLOCK
+
+
 _FRACTIONS = [(10 ** (9 - d), f"%s%s.%0{d}dZ") for d in range(10)]
 
 

@@ -263,7 +263,7 @@ class WindowFetcher:
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="ona-window")
         self._pending: deque[Future[tuple[Window, int, pa.Table]]] = deque()
         self._running = 0
-        self._lock = threading.RLock()  # a done callback may run inside `_fill`, on this thread
+        self._lock = threading.Lock()  # `_fill` runs on the consumer thread and on the workers
         self._fill()
 
     def __enter__(self) -> WindowFetcher:
