@@ -1081,22 +1081,32 @@ def _close_idle_tls(conn: Conn, how: str) -> None:
         conn.reset()
 
 
-@pytest.mark.parametrize("how", ["close_notify", "fin", "rst"])
-def test_tls_connection_closed_by_the_server_while_idle_is_reopened_once_transparently(
-    how: str, serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
-) -> None:
+def close_after_first_answer(
+    how: str, answer: Callable[[Received], bytes] | None = None
+) -> tuple[Callable[[Conn], None], threading.Event]:
+    """A handler whose first connection answers one request and is then closed while idle
+    (`how`, see `_close_idle_tls`), and the event set once it is; later connections answer all."""
     idle_closed = threading.Event()
 
     def handler(conn: Conn) -> None:
         if conn.number == 1:
-            conn.read_request()
-            conn.send(http_response(200, b"first"))
+            request = conn.read_request()
+            assert request is not None
+            conn.send(answer(request) if answer else http_response(200, b"first"))
             time.sleep(0.05)
             _close_idle_tls(conn, how)
             idle_closed.set()
         else:
-            answer_all(conn)
+            answer_all(conn, answer)
 
+    return handler, idle_closed
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin", "rst"])
+def test_tls_connection_closed_by_the_server_while_idle_is_reopened_once_transparently(
+    how: str, serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
+) -> None:
+    handler, idle_closed = close_after_first_answer(how)
     server = serve_tls(handler)
     with StdlibTransport() as transport:
         assert send(transport, "GET", server.url("/one")).content == b"first"
@@ -1116,18 +1126,7 @@ def test_tls_connection_closed_while_idle_is_reopened_for_a_request_without_body
     how: str, serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
 ) -> None:
     # One write only: the closed connection shows as an empty read (RemoteDisconnected).
-    idle_closed = threading.Event()
-
-    def handler(conn: Conn) -> None:
-        if conn.number == 1:
-            conn.read_request()
-            conn.send(http_response(200, b"first"))
-            time.sleep(0.05)
-            _close_idle_tls(conn, how)
-            idle_closed.set()
-        else:
-            answer_all(conn)
-
+    handler, idle_closed = close_after_first_answer(how)
     server = serve_tls(handler)
     with StdlibTransport() as transport:
         assert send(transport, "GET", server.url("/one")).content == b"first"
@@ -1185,19 +1184,7 @@ def test_usage_client_without_the_ca_fails_at_once_naming_the_certificate(
 def test_usage_client_reconnects_without_a_retry_after_the_server_drops_an_idle_tls_connection(
     serve_tls: Callable[..., TlsServer], ca_env: pytest.MonkeyPatch
 ) -> None:
-    idle_closed = threading.Event()
-
-    def handler(conn: Conn) -> None:
-        if conn.number == 1:
-            request = conn.read_request()
-            assert request is not None
-            conn.send(usage_answer(request))
-            time.sleep(0.05)
-            conn.close()
-            idle_closed.set()
-        else:
-            answer_all(conn, usage_answer)
-
+    handler, idle_closed = close_after_first_answer("fin", usage_answer)
     server = serve_tls(handler)
     with UsageClient(KEY, server.url("/api"), max_attempts=3, backoff=0.01) as client:
         client.check_access()
