@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-date", required=True, help="first run: where to start (YYYY-MM-DD or ISO datetime, UTC)")
     parser.add_argument("--end-date", default=None, help="dateRange.endTime of every request (default: now)")
     parser.add_argument("--pipeline-name", default="ona_usage_rest_api")
-    parser.add_argument("--dataset-name", default="ona_usage")
+    parser.add_argument("--dataset-name", default="ona")
     args = parser.parse_args(argv)
 
     api_key = os.environ.get("ONA_API_KEY") or os.environ.get("GITPOD_API_KEY")

@@ -64,7 +64,7 @@ ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 BASELINE_SCRIPT = BENCH_DIR / "baseline_rest_api.py"
 API_KEY = "emulator-key"
-TABLE = "ona_usage.environment_usage_records"
+TABLE = "ona.environment_usage_records"
 DEFAULT_END = "2026-11-01T00:00:00Z"  # fixed, so every run serves the same records
 DEFAULT_SEED = 42
 

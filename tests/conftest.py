@@ -84,7 +84,7 @@ def expected_rows(records: list[dict[str, Any]]) -> dict[str, tuple]:
     return rows
 
 
-def table_rows(path: Path | str, dataset: str = "ona_usage") -> list[tuple]:
+def table_rows(path: Path | str, dataset: str = "ona") -> list[tuple]:
     with duckdb.connect(str(path), read_only=True) as conn:
         conn.execute("SET TimeZone = 'UTC'")
         return conn.execute(
@@ -92,7 +92,7 @@ def table_rows(path: Path | str, dataset: str = "ona_usage") -> list[tuple]:
         ).fetchall()
 
 
-def assert_table_equals(path: Path | str, records: list[dict[str, Any]], dataset: str = "ona_usage") -> None:
+def assert_table_equals(path: Path | str, records: list[dict[str, Any]], dataset: str = "ona") -> None:
     """Same ids, same values, each id once."""
     assert_rows_equal(table_rows(path, dataset), records)
 

@@ -55,7 +55,7 @@ def test_gitpod_api_key_is_accepted_and_a_second_run_loads_nothing_new(workdir, 
     second = run_cli("sync", "--base-url", emulator.url, env=env)
 
     assert second.returncode == 0, second.stderr
-    assert_table_equals(workdir / "ona-usage.duckdb", store.records())
+    assert_table_equals(workdir / "ona_usage.duckdb", store.records())
 
 
 def test_a_wrong_key_exits_non_zero_with_one_line_and_writes_nothing(workdir, store, emulator):
@@ -106,6 +106,6 @@ def test_demo_without_a_key_syncs_the_bundled_emulator_and_queries_it(workdir):
     assert result.returncode == 0, result.stderr
     assert "No API key given" in result.stdout
     loaded = int(result.stdout.split("Loaded ")[1].split(" rows")[0].replace(",", ""))
-    with duckdb.connect(str(workdir / "ona-usage.duckdb"), read_only=True) as conn:
-        assert conn.execute("SELECT count(*) FROM ona_usage.environment_usage_records").fetchone() == (loaded,)
+    with duckdb.connect(str(workdir / "ona_usage.duckdb"), read_only=True) as conn:
+        assert conn.execute("SELECT count(*) FROM ona.environment_usage_records").fetchone() == (loaded,)
     assert "backend" in result.stdout  # the example query names projects

@@ -73,10 +73,10 @@ def test_a_name_list_the_key_may_not_read_is_left_out_once_and_usage_loads(workd
     warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("projects are left out")
     with duckdb.connect(str(workdir / DB), read_only=True) as conn:
-        tables = {t for (t,) in conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'ona_usage'").fetchall()}
+        tables = {t for (t,) in conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'ona'").fetchall()}
         assert {"runners", "environment_classes"} <= tables and "projects" not in tables
         names = conn.execute(
-            "SELECT count(*), count(project_name), count(DISTINCT runner_name) FROM ona_usage.environment_usage_daily"
+            "SELECT count(*), count(project_name), count(DISTINCT runner_name) FROM ona.environment_usage_daily"
         ).fetchone()
     assert names[0] > 0 and names[1] == 0 and names[2] == 1  # projects unnamed, runners named
 

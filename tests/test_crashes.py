@@ -42,7 +42,7 @@ from conftest import API_KEY, assert_table_equals, recent_records, to_datetime
 SEED = int(os.environ.get("ONA_CRASH_SEED", "20261126"))
 ITERATIONS = 14  # kill attempts; each kill is followed by a rerun (the next attempt or the final run)
 TIME_BUDGET = 45.0  # seconds for the kill loop; the loop stops early rather than run long
-DB = "ona-usage.duckdb"
+DB = "ona_usage.duckdb"
 RESOURCE = "environment_usage_records"
 
 
@@ -61,16 +61,16 @@ def committed_state(db: Path) -> tuple[dict[str, Any] | None, list[tuple[str, da
         tables = {
             name
             for (name,) in conn.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'ona_usage'"
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'ona'"
             ).fetchall()
         }
         rows = []
         if RESOURCE in tables:
-            rows = conn.execute(f"SELECT id, stopped_at FROM ona_usage.{RESOURCE}").fetchall()
+            rows = conn.execute(f"SELECT id, stopped_at FROM ona.{RESOURCE}").fetchall()
         state = None
         if {"_dlt_pipeline_state", "_dlt_loads"} <= tables:
             found = conn.execute(
-                "SELECT s.state FROM ona_usage._dlt_pipeline_state AS s JOIN ona_usage._dlt_loads AS l"
+                "SELECT s.state FROM ona._dlt_pipeline_state AS s JOIN ona._dlt_loads AS l"
                 " ON l.load_id = s._dlt_load_id WHERE s.pipeline_name = 'ona_usage' AND l.status = 0"
                 " ORDER BY l.load_id DESC LIMIT 1"
             ).fetchone()

@@ -15,7 +15,7 @@ from conftest import API_KEY, assert_rows_equal, recent_records
 
 
 def lake_rows(lake: Path) -> list[tuple]:
-    table = DeltaTable(str(lake / "ona_usage" / "environment_usage_records")).to_pyarrow_table()
+    table = DeltaTable(str(lake / "ona" / "environment_usage_records")).to_pyarrow_table()
     columns = ["id", "created_at", "stopped_at", "environment_class_id", "environment_id", "project_id", "runner_id", "user_id"]
     return list(zip(*(table.column(c).to_pylist() for c in columns)))
 
@@ -30,15 +30,15 @@ def test_filesystem_delta_table_equals_the_api_after_syncs_a_fresh_runner_and_a_
 
     run_sync(config)
     assert_rows_equal(lake_rows(lake), store.records(start=today.subtract(days=5)))
-    assert list((lake / "ona_usage" / "environment_usage_records").glob("*.parquet"))
+    assert list((lake / "ona" / "environment_usage_records").glob("*.parquet"))
 
     # a fresh runner re-reads a wide lookback: rows are merged, not appended
     shutil.rmtree(workdir / "dlt-data")
-    config.lookback = "3d"
+    config.lookback = pendulum.duration(days=3)
     run_sync(config)
     assert_rows_equal(lake_rows(lake), store.records(start=today.subtract(days=5)))
     cursor = read_state(make_pipeline(config)).cursor
 
-    run_backfill(config, today.subtract(days=20).to_date_string(), today.subtract(days=5).to_date_string())
+    run_backfill(config, settings.parse_range(today.subtract(days=20).to_date_string(), today.subtract(days=5).to_date_string()))
     assert_rows_equal(lake_rows(lake), store.records(start=today.subtract(days=20)))
     assert read_state(make_pipeline(config)).cursor == cursor

@@ -64,8 +64,8 @@ def organisation() -> list[dict[str, Any]]:
     return recent_records(600, days=40) + [long_run, no_project, no_created, midnight]
 
 
-SELECT_DAILY = "SELECT usage_date, user_id, project_id, environment_class_id, runner_id, runs, runtime_hours FROM ona_usage.environment_usage_daily"
-SELECT_MONTHLY = "SELECT usage_month, user_id, project_id, environment_class_id, runner_id, runs, runtime_hours FROM ona_usage.environment_usage_monthly"
+SELECT_DAILY = "SELECT usage_date, user_id, project_id, environment_class_id, runner_id, runs, runtime_hours FROM ona.environment_usage_daily"
+SELECT_MONTHLY = "SELECT usage_month, user_id, project_id, environment_class_id, runner_id, runs, runtime_hours FROM ona.environment_usage_monthly"
 
 
 def test_views_on_duckdb_match_python(workdir, store, emulator):
@@ -73,7 +73,7 @@ def test_views_on_duckdb_match_python(workdir, store, emulator):
     run_sync(config(emulator, start_date=pendulum.now("UTC").subtract(days=45).to_date_string()))
 
     daily = expected_daily(store.records())
-    with duckdb.connect(str(workdir / "ona-usage.duckdb"), read_only=True) as conn:
+    with duckdb.connect(str(workdir / "ona_usage.duckdb"), read_only=True) as conn:
         conn.execute("SET TimeZone = 'America/Los_Angeles'")  # an analyst's own zone changes nothing
         assert_view_equals(conn.execute(SELECT_DAILY).fetchall(), daily)
         assert_view_equals(conn.execute(SELECT_MONTHLY).fetchall(), expected_monthly(daily))

@@ -38,7 +38,7 @@ def test_backfill_loads_exactly_its_range_and_leaves_the_schedule_alone(workdir,
     emulator.reset_requests()
 
     start, end = today.subtract(days=20), today.subtract(days=10)
-    result = run_backfill(config(emulator, chunk="3d"), start.to_date_string(), end.to_date_string())
+    result = run_backfill(config(emulator, chunk="3d"), settings.parse_range(start.to_date_string(), end.to_date_string()))
 
     in_range = store.records(start=start, end=end)
     recent = store.records(start=today.subtract(days=3))
@@ -69,7 +69,7 @@ def test_a_failed_backfill_continues_after_its_last_committed_chunk(workdir, sto
 
     emulator.fault = break_in_chunk_three
     with pytest.raises(Exception, match="gave up"):
-        run_backfill(config(emulator, chunk="4d", workers=1, max_attempts=2), start.to_date_string(), end.to_date_string())
+        run_backfill(config(emulator, chunk="4d", workers=1, max_attempts=2), settings.parse_range(start.to_date_string(), end.to_date_string()))
     progress = read_state(make_pipeline(settings.resolve({}))).backfills
     (key,) = progress
     assert progress[key]["through"] == start.add(days=8) and progress[key]["done"] is False
@@ -77,7 +77,7 @@ def test_a_failed_backfill_continues_after_its_last_committed_chunk(workdir, sto
 
     emulator.fault = None
     emulator.reset_requests()
-    result = run_backfill(config(emulator, chunk="4d"), start.to_date_string(), end.to_date_string())
+    result = run_backfill(config(emulator, chunk="4d"), settings.parse_range(start.to_date_string(), end.to_date_string()))
 
     assert min(s for s, _ in request_ranges(emulator)) == format_rfc3339(start.add(days=8))
     assert result.windows == 4
@@ -183,7 +183,7 @@ def test_verify_finds_missing_extra_and_changed_ids_and_repair_fixes_them(workdi
     store.add(late)
     store.upsert([changed])
     with duckdb.connect(str(workdir / DB)) as conn:
-        conn.execute("INSERT INTO ona_usage.environment_usage_records (id, stopped_at, _dlt_load_id) VALUES ('ghost', ?, 'x')", [start.add(hours=5)])
+        conn.execute("INSERT INTO ona.environment_usage_records (id, stopped_at, _dlt_load_id) VALUES ('ghost', ?, 'x')", [start.add(hours=5)])
 
     report = run_cli("verify", *window, "--json", env=env)
 
@@ -224,7 +224,7 @@ def test_status_json_dry_run_and_reset(workdir, store, emulator):
     done = run_cli("reset", "--yes", env=env)
     assert done.returncode == 0, done.stderr
     with duckdb.connect(str(workdir / DB), read_only=True) as conn:
-        tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'ona_usage'").fetchall()}
+        tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'ona'").fetchall()}
     assert "environment_usage_records" not in tables
     assert read_state(make_pipeline(settings.resolve({}))).cursor is None
 

@@ -32,7 +32,7 @@ from ona_usage.windows import format_rfc3339
 import pg_server
 from conftest import API_KEY, COLUMNS, assert_rows_equal, make_records, recent_records, request_ranges
 
-TABLE = "ona_usage.environment_usage_records"
+TABLE = "ona.environment_usage_records"
 SERVER_TIMEZONE = "Asia/Kolkata"  # +05:30 all year: any local-time mix-up moves every value
 
 
@@ -136,7 +136,7 @@ def test_a_fresh_runner_resumes_from_the_state_stored_in_postgres(pg_url, workdi
     cursor, first_run_done = cursor_now(), pendulum.now("UTC")
     # the runner's disk is gone; the database, with dlt's state table, is not
     shutil.rmtree(workdir / "dlt-data")
-    assert query(pg_url, "SELECT count(*) FROM ona_usage._dlt_pipeline_state WHERE pipeline_name = 'ona_usage'")[0][0]
+    assert query(pg_url, "SELECT count(*) FROM ona._dlt_pipeline_state WHERE pipeline_name = 'ona_usage'")[0][0]
 
     store.add(make_records(first_run_done.subtract(seconds=5), 3, "after"))
     emulator.reset_requests()
@@ -158,7 +158,7 @@ def test_column_types_and_one_row_per_id_after_rereading_everything(pg_url, stor
         query(
             pg_url,
             "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_schema = 'ona_usage' AND table_name = 'environment_usage_records'",
+            "WHERE table_schema = 'ona' AND table_name = 'environment_usage_records'",
         )
     )
     assert types["created_at"] == types["stopped_at"] == "timestamp with time zone"
@@ -184,12 +184,12 @@ def test_backfill_into_postgres_leaves_the_schedule_alone_and_resumes_after_a_fa
         >= format_rfc3339(start.add(days=8)) and request["body"]["pagination"]["pageSize"] != 1 else None
     )
     with pytest.raises(Exception):
-        run_backfill(config, start.to_date_string(), end.to_date_string())
+        run_backfill(config, settings.parse_range(start.to_date_string(), end.to_date_string()))
     assert_pg_table_equals(pg_url, store.records(start=start, end=start.add(days=8)) + store.records(start=today.subtract(days=2)))
 
     emulator.fault = None
     emulator.reset_requests()
-    run_backfill(config, start.to_date_string(), end.to_date_string())
+    run_backfill(config, settings.parse_range(start.to_date_string(), end.to_date_string()))
 
     assert min(s for s, _ in request_ranges(emulator)) == format_rfc3339(start.add(days=8))
     assert_pg_table_equals(pg_url, store.records(start=start, end=end) + store.records(start=today.subtract(days=2)))

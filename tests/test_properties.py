@@ -41,7 +41,7 @@ from ona_usage.windows import format_rfc3339
 
 from conftest import API_KEY, assert_table_equals, expected_rows, make_records, table_rows
 
-DB = "ona-usage.duckdb"
+DB = "ona_usage.duckdb"
 LOOKBACK = pendulum.duration(hours=2)
 MAX_FAULTS = 6  # pending faulty answers at most; max_attempts is 8, so every run still succeeds
 
@@ -263,7 +263,7 @@ def test_random_histories_keep_the_table_right(workdir, seed, initial, steps):
                 end = begin.add(days=days)
                 key = backfill_key(begin, end, None)
                 now = model.now()
-                run_backfill(config(), begin.isoformat(), end.isoformat())
+                run_backfill(config(), settings.parse_range(begin.isoformat(), end.isoformat()))
                 table = check_table(model, base / DB)
                 if key not in model.done_backfills:  # a finished backfill is not run again (see below)
                     check_covered(model, table, begin, min(end, now), "backfill")
@@ -274,7 +274,7 @@ def test_random_histories_keep_the_table_right(workdir, seed, initial, steps):
         # what `verify --repair` does, over everything, once all late records are visible
         store.advance(7 * 3600)
         end = model.now().add(days=1).start_of("day")
-        run_backfill(config(chunk="30d"), start_date.subtract(days=2).isoformat(), end.isoformat())
+        run_backfill(config(chunk="30d"), settings.parse_range(start_date.subtract(days=2).isoformat(), end.isoformat()))
         check_table(model, base / DB)
         assert_table_equals(base / DB, store.records())
         assert len(store.records()) == len(model.records)
@@ -316,5 +316,5 @@ def test_a_first_run_over_a_range_without_records_succeeds(workdir, store, emula
     if command == "sync":
         result = run_sync(config)
     else:
-        result = run_backfill(config, day.subtract(days=3).to_date_string(), day.subtract(days=1).to_date_string())
+        result = run_backfill(config, settings.parse_range(day.subtract(days=3).to_date_string(), day.subtract(days=1).to_date_string()))
     assert result.rows_loaded == 0

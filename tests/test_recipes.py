@@ -58,4 +58,4 @@ def test_the_dlt_deploy_script_loads_the_api_records(workdir, store, emulator):
         cwd=workdir, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert_table_equals(workdir / "ona-usage.duckdb", store.records())
+    assert_table_equals(workdir / "ona_usage.duckdb", store.records())

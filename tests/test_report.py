@@ -26,8 +26,8 @@ from ona_usage.pipeline import make_pipeline, run_sync
 from ona_usage.report import OTHER, ReportError, build_report
 from test_operations import config
 
-DB = "ona-usage.duckdb"
-VIEW = "ona_usage.environment_usage_daily"
+DB = "ona_usage.duckdb"
+VIEW = "ona.environment_usage_daily"
 HOSTILE_USER = "<img src=x onerror=alert(1)>&\"' user"
 HOSTILE_PROJECT = "<script>alert('p')</script> & co"
 
@@ -354,15 +354,15 @@ def test_name_columns_label_the_ids_where_the_view_has_them(workdir, tmp_path):
     names = [c for c in ("project_name", "environment_class_name", "runner_name") if c in view_columns(db)]
     rows = f"d.* EXCLUDE ({', '.join(names)})" if names else "d.*"
     with duckdb.connect(str(db)) as conn:
-        conn.execute(f"CREATE TABLE ona_usage.daily_rows AS SELECT * FROM {VIEW}")
-        conn.execute("CREATE TABLE ona_usage.project_names (project_id VARCHAR, project_name VARCHAR)")
-        conn.executemany("INSERT INTO ona_usage.project_names VALUES (?, ?)", list(label_of.items()))
-        conn.execute("CREATE TABLE ona_usage.class_names AS SELECT ? AS environment_class_id, 'Large' AS environment_class_name", [classes[0]])
+        conn.execute(f"CREATE TABLE ona.daily_rows AS SELECT * FROM {VIEW}")
+        conn.execute("CREATE TABLE ona.project_names (project_id VARCHAR, project_name VARCHAR)")
+        conn.executemany("INSERT INTO ona.project_names VALUES (?, ?)", list(label_of.items()))
+        conn.execute("CREATE TABLE ona.class_names AS SELECT ? AS environment_class_id, 'Large' AS environment_class_name", [classes[0]])
         conn.execute(
-            f"CREATE OR REPLACE VIEW {VIEW} AS SELECT {rows}, p.project_name, c.environment_class_name, "
-            "CAST(NULL AS VARCHAR) AS runner_name FROM ona_usage.daily_rows AS d "
-            "LEFT JOIN ona_usage.project_names AS p ON p.project_id = d.project_id "
-            "LEFT JOIN ona_usage.class_names AS c ON c.environment_class_id = d.environment_class_id"
+            f"CREATE OR REPLACE TABLE {VIEW} AS SELECT {rows}, p.project_name, c.environment_class_name, "
+            "CAST(NULL AS VARCHAR) AS runner_name FROM ona.daily_rows AS d "
+            "LEFT JOIN ona.project_names AS p ON p.project_id = d.project_id "
+            "LEFT JOIN ona.class_names AS c ON c.environment_class_id = d.environment_class_id"
         )
     pipeline = make_pipeline(settings.resolve({}))
 

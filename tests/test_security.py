@@ -34,7 +34,7 @@ from ona_usage.pipeline import run_sync
 from conftest import API_KEY, assert_table_equals, recent_records, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-DB = "ona-usage.duckdb"
+DB = "ona_usage.duckdb"
 WRONG_KEY = "sk-wrong-4b8e1f9a7c2d-secret"
 DLT = Path(sys.executable).with_name("dlt")
 

@@ -16,7 +16,7 @@ from ona_usage.windows import format_rfc3339
 
 from conftest import API_KEY, assert_table_equals, make_records, recent_records, request_ranges, table_rows
 
-DB = "ona-usage.duckdb"
+DB = "ona_usage.duckdb"
 
 
 def sync(emulator: EmulatorServer, **options: Any) -> SyncResult:
@@ -181,5 +181,5 @@ def test_rows_repeated_across_runs_end_up_once_with_the_latest_values(workdir, s
     assert_table_equals(workdir / DB, store.records())
     with duckdb.connect(str(workdir / DB), read_only=True) as conn:
         assert conn.execute(
-            "SELECT environment_class_id FROM ona_usage.environment_usage_records WHERE id = ?", [changed["id"]]
+            "SELECT environment_class_id FROM ona.environment_usage_records WHERE id = ?", [changed["id"]]
         ).fetchone() == ("bigger-class",)

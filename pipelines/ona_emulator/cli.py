@@ -177,7 +177,7 @@ def serve_from_args(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ona-emulator", description="Local emulator of Ona's usage records API.")
+def cli_main(argv: Sequence[str] | None = None, prog: str = "ona-emulator") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Serve a local emulator of Ona's API on 127.0.0.1.")
     add_arguments(parser)
     return serve_from_args(parser.parse_args(argv))

@@ -10,21 +10,24 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ona_usage import __version__, settings
 from ona_usage.client import OnaApiError
-from ona_usage.records import InvalidRecordError
 from ona_usage.pipeline import PipelineBusyError
-from ona_usage.settings import ConfigError, SyncSettings
+from ona_usage.records import InvalidRecordError
+from ona_usage.settings import ConfigError, Settings
+from ona_usage.status import StatusError
 from ona_usage.windows import format_rfc3339
 
 logger = logging.getLogger("ona_usage")
-OUR_ERRORS = (OnaApiError, ConfigError, InvalidRecordError, PipelineBusyError)
+OUR_ERRORS = (OnaApiError, ConfigError, InvalidRecordError, PipelineBusyError, StatusError)
 
 SYNC_OPTIONS = (
     "start_date",
+    "duckdb_file",
     "project_id",
     "base_url",
     "destination",
@@ -52,19 +55,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # dlt reports anonymous usage to its vendor unless told otherwise; a sync tool should not.
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
     _use_jemalloc_for_arrow()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args)
-    try:
-        return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        print("ona-usage: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # every failure ends as one line unless --debug asks for more
-        if args.debug:
-            raise
-        print(f"ona-usage: error: {_scrub(describe_error(exc))}", file=sys.stderr)
-        return 2 if isinstance(root_cause(exc), ConfigError) else 1
+    args = build_parser().parse_args(argv)
+    secrets = Secrets()
+    with logging_to_stderr(args, secrets):
+        try:
+            return int(args.run(args, secrets) or 0)
+        except KeyboardInterrupt:
+            print("ona-usage: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # every failure ends as one line unless --debug asks for more
+            if args.debug:
+                raise
+            print(f"ona-usage: error: {secrets.scrub(describe_error(exc))}", file=sys.stderr)
+            return 2 if isinstance(root_cause(exc), ConfigError) else 1
 
 
 def _use_jemalloc_for_arrow() -> None:
@@ -179,21 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_demo,
         "sync a synthetic organisation from the bundled emulator into DuckDB and query it",
         "Without an API key: start the bundled API emulator with 90 days of synthetic usage, sync it into "
-        "ona-usage.duckdb, print a summary and an example query. With an API key: sync the real API the same way.",
+        "ona_usage.duckdb, print a summary and an example query. With an API key: sync the real API the same way.",
     )
     add_sync_arguments(demo)
     demo.add_argument("--records", type=int, default=30_000, help="synthetic records (default 30000)")
     demo.add_argument("--days", type=int, default=90, help="days of synthetic usage (default 90)")
 
-    emulator = command(
+    # Its options belong to the emulator, parsed there: a sync never imports the server.
+    emulator = commands.add_parser(
         "emulator",
-        cmd_emulator,
-        "serve the local API emulator (for tests and demos)",
-        "Serve a local emulator of Ona's ListEnvironmentUsageRecords on 127.0.0.1.",
+        help="serve the local API emulator (for tests and demos); `ona-usage emulator --help` lists its options",
+        add_help=False,
+        prefix_chars="\0",
     )
-    from ona_emulator.cli import add_arguments
-
-    add_arguments(emulator)
+    emulator.add_argument("emulator_args", nargs=argparse.REMAINDER)
+    emulator.set_defaults(run=cmd_emulator, debug=False, quiet=False)
     return parser
 
 
@@ -203,6 +206,11 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--destination", metavar="NAME", help=f"dlt destination (default {d.DEFAULT_DESTINATION})")
     parser.add_argument("--dataset-name", metavar="NAME", help=f"dataset (schema) to load into (default {d.DEFAULT_DATASET_NAME})")
     parser.add_argument("--pipeline-name", metavar="NAME", help=f"dlt pipeline name; keys the cursor state (default {d.DEFAULT_PIPELINE_NAME})")
+    parser.add_argument(
+        "--duckdb-file",
+        metavar="PATH",
+        help=f"the DuckDB file (default: DESTINATION__DUCKDB__CREDENTIALS, else PIPELINE_NAME.duckdb in this directory)",
+    )
 
 
 def add_range_arguments(parser: argparse.ArgumentParser) -> None:
@@ -215,7 +223,7 @@ def add_sync_arguments(parser: argparse.ArgumentParser, start_date: bool = True)
     if start_date:
         parser.add_argument("--start-date", metavar="DATE", help="first run only: where to start (YYYY-MM-DD or ISO datetime, UTC; default: 30 days ago)")
     parser.add_argument("--project-id", metavar="ID", help="only records of this project")
-    parser.add_argument("--base-url", metavar="URL", help=f"API base URL (default {d.DEFAULT_BASE_URL}; also https://app.ona.com/api)")
+    parser.add_argument("--base-url", metavar="URL", help=f"API base URL (default ONA_BASE_URL, else {d.DEFAULT_BASE_URL}; also https://app.ona.com/api)")
     add_target_arguments(parser)
     parser.add_argument("--window", metavar="SIZE", help=f"date range per request, at most 1d (default {d.DEFAULT_WINDOW})")
     parser.add_argument("--lookback", metavar="DURATION", help=f"re-read this much of the last run's range to catch late records (default {d.DEFAULT_LOOKBACK})")
@@ -234,21 +242,21 @@ def sync_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name, None) for name in SYNC_OPTIONS}
 
 
-def resolve(args: argparse.Namespace) -> SyncSettings:
+def resolve(args: argparse.Namespace, secrets: Secrets) -> Settings:
     config = settings.resolve(sync_overrides(args))
-    _remember_secret(config.api_key)
+    secrets.add(config.api_key)
     return config
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
-    from ona_usage.pipeline import make_pipeline, planned_windows, restore_state, run_sync
+def cmd_sync(args: argparse.Namespace, secrets: Secrets) -> int:
+    import pendulum
 
-    config = resolve(args)
+    from ona_usage.pipeline import attach, read_state, run_sync
+    from ona_usage.source import plan_windows
+
+    config = resolve(args, secrets)
     if args.dry_run:
-        config.validate(require_key=False)
-        pipeline = make_pipeline(config)
-        restore_state(pipeline, config)
-        windows = planned_windows(pipeline, config)
+        windows = plan_windows(config, read_state(attach(config)), pendulum.now("UTC"))
         print(f"A sync now would fetch {len(windows)} window(s); nothing is loaded:")
         for window in windows:
             print(f"  {window}")
@@ -259,104 +267,67 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_backfill(args: argparse.Namespace) -> int:
+def cmd_backfill(args: argparse.Namespace, secrets: Secrets) -> int:
     from ona_usage.pipeline import run_backfill
 
-    config = resolve(args)
-    result = _with_progress(args, "backfill", lambda stats: run_backfill(config, args.start, args.end, stats))
+    config = resolve(args, secrets)
+    backfill = settings.parse_range(args.start, args.end)
+    result = _with_progress(args, "backfill", lambda stats: run_backfill(config, backfill, stats))
     if not args.quiet:
         print(f"Backfill [{args.start}, {args.end}) done in {result.chunks} chunk(s); the scheduled cursor did not move.")
         print_summary(config, result)
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace, secrets: Secrets) -> int:
     import json
 
     from ona_usage.status import collect_status
 
-    report = collect_status(resolve(args))
+    report = collect_status(resolve(args, secrets))
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
-    last = report["last_load"] or {}
-    table = report["table_stats"]
-    lines = [
-        f"pipeline     {report['pipeline']} -> {report['destination']} dataset {report['dataset']!r}, table {report['table']}",
-        f"cursor       {report['cursor'] or 'none yet'} (newest stopped_at loaded); lookback {report['lookback']}",
-        f"fetched      through {report['fetched_through'] or 'nothing yet'}",
-        f"next sync    {report['next_sync']['windows']} window(s) from {report['next_sync']['start']}",
-        f"last load    {last.get('finished_at') or 'none'}"
-        + (f", {last['rows']:,} rows" if last else "")
-        + (f", {last['seconds']} s" if last.get("seconds") is not None else ""),
-        f"table        {table['rows']:,} rows, stopped_at {table['first_stopped_at']} .. {table['last_stopped_at']}",
-    ]
-    for backfill in report["backfills"]:
-        state = "done" if backfill["done"] else f"unfinished, committed through {backfill['through']}"
-        lines.append(f"backfill     [{backfill['start']}, {backfill['end']}) project {backfill['project_id'] or 'all'}: {state}")
-    pending = report["pending_load_packages"]
-    lines.append(f"pending      {', '.join(pending) if pending else 'no pending load packages'}")
-    print("\n".join(lines))
+    else:
+        print(format_status(report))
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def cmd_verify(args: argparse.Namespace, secrets: Secrets) -> int:
     import json
 
-    from ona_usage.client import UsageClient
-    from ona_usage.pipeline import make_pipeline, restore_state, run_backfill
-    from ona_usage.verify import reconcile
+    from ona_usage.pipeline import run_repair
+    from ona_usage.verify import verify
 
-    config = resolve(args)
-    config.validate()
-    start, end = settings.parse_date(args.start, "--start"), settings.parse_date(args.end, "--end")
-    if end <= start:
-        raise ConfigError(f"--end {args.end!r} must be after --start {args.start!r}")
-
-    def check() -> list:
-        with UsageClient(config.api_key, config.base_url, page_size=int(config.page_size),
-                         allow_insecure_http=config.allow_insecure_http) as client:
-            pipeline = make_pipeline(config)
-            restore_state(pipeline, config)
-            return reconcile(client, pipeline, start, end, config.project_id)
-
-    reports = check()
+    config = resolve(args, secrets)
+    config.require_api_key()
+    start, end = settings.parse_range(args.start, args.end)
+    reports = verify(config, start, end)
     bad = [r for r in reports if not r.ok]
     if bad and args.repair:
-        for report in bad:
-            run_backfill(config, report.window.start.isoformat(), report.window.end.isoformat())
-        print(f"Repaired {len(bad)} day(s) with a backfill; verifying again.", file=sys.stderr)
-        reports = check()
+        run_repair(config, [r.window for r in bad])
+        print(f"Repaired {len(bad)} day(s) with one backfill; verifying again.", file=sys.stderr)
+        reports = verify(config, start, end)
         bad = [r for r in reports if not r.ok]
     if args.json:
         print(json.dumps({"ok": not bad, "days": [r.as_dict() for r in reports]}, indent=2))
     else:
-        for r in reports:
-            mark = "ok " if r.ok else "DIFF"
-            line = f"{mark} {r.window.start.to_date_string()}  api {r.api:>6}  warehouse {r.warehouse:>6}"
-            if not r.ok:
-                line += f"  missing {len(r.missing)}  extra {len(r.extra)}  changed {len(r.changed)}"
-                for label, ids in (("missing", r.missing), ("extra", r.extra), ("changed", r.changed)):
-                    if ids:
-                        line += f"\n      {label}: {', '.join(ids[:10])}" + (" ..." if len(ids) > 10 else "")
-            print(line)
-        total_api, total_wh = sum(r.api for r in reports), sum(r.warehouse for r in reports)
-        verdict = "match" if not bad else f"differ on {len(bad)} of {len(reports)} day(s)"
-        print(f"API {total_api:,} records, warehouse {total_wh:,} rows: {verdict}")
+        print(format_verify(reports))
     return 1 if bad else 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace, secrets: Secrets) -> int:
     from pathlib import Path
 
-    from ona_usage.pipeline import make_pipeline
-    from ona_usage.report import build_report
+    from ona_usage.pipeline import attach, warehouse_exists
+    from ona_usage.report import ReportError, build_report
 
-    config = resolve(args)
+    config = resolve(args, secrets)
     start = settings.parse_date(args.start, "--start").date() if args.start else None
     end = settings.parse_date(args.end, "--end").date() if args.end else None
     out = Path(args.out or f"ona-usage-report.{args.fmt}")
-    summary = build_report(make_pipeline(config), out, start=start, end=end, by=args.by, fmt=args.fmt)
+    if not warehouse_exists(config):
+        raise ReportError(f"no DuckDB file at {config.duckdb_file}; run `ona-usage sync` first")
+    summary = build_report(attach(config), out, start=start, end=end, by=args.by, fmt=args.fmt)
     if not args.quiet:
         print(
             f"Wrote {summary.path}: {summary.start} to {summary.end} (exclusive), {summary.total_hours:,.1f} runtime "
@@ -365,13 +336,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reset(args: argparse.Namespace) -> int:
+def cmd_reset(args: argparse.Namespace, secrets: Secrets) -> int:
     from ona_usage.pipeline import reset
 
-    config = resolve(args)
+    config = resolve(args, secrets)
     if not args.yes:
         print(
-            f"This drops table environment_usage_records in dataset {config.dataset_name!r} of "
+            f"This drops table environment_usage_records (and its models) in dataset {config.dataset_name!r} of "
             f"{config.destination} and the sync state of pipeline {config.pipeline_name!r}; the next sync "
             "starts again from --start-date. Run `ona-usage reset --yes` to do it. Nothing was changed."
         )
@@ -390,10 +361,12 @@ def _with_progress(args: argparse.Namespace, label: str, run: Any) -> Any:
         return run(ExtractStats(on_window=progress.on_window))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace, secrets: Secrets) -> int:
+    import dataclasses
+
     from ona_usage.pipeline import run_sync
 
-    config = resolve(args)
+    config = resolve(args, secrets)
     if config.api_key:
         result = _with_progress(args, "sync", lambda stats: run_sync(config, stats))
     else:
@@ -406,23 +379,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
         store.names = organisation_names(42)
         with EmulatorServer(store) as server:
             print(f"No API key given: syncing {len(store.records()):,} synthetic records from the local emulator at {server.url}")
-            config.base_url = server.url
-            config.api_key = server.api_key
-            config.start_date = config.start_date or start.to_date_string()
+            config = dataclasses.replace(
+                config, base_url=server.url, api_key=server.api_key, start_date=config.start_date or start.start_of("day")
+            )
             result = _with_progress(args, "sync", lambda stats: run_sync(config, stats))
     print_summary(config, result)
     print_example_query(config)
     return 0
 
 
-def cmd_emulator(args: argparse.Namespace) -> int:
-    from ona_emulator.cli import serve_from_args
+def cmd_emulator(args: argparse.Namespace, secrets: Secrets) -> int:
+    from ona_emulator.cli import cli_main
 
-    serve_from_args(args)
-    return 0
+    return cli_main(args.emulator_args, prog="ona-usage emulator")
 
 
-def print_summary(config: SyncSettings, result: Any) -> None:
+def format_status(report: dict[str, Any]) -> str:
+    last = report["last_load"] or {}
+    table = report["table_stats"]
+    lines = [
+        f"pipeline     {report['pipeline']} -> {report['destination']} dataset {report['dataset']!r}, table {report['table']}",
+        f"cursor       {report['cursor'] or 'none yet'} (newest stopped_at loaded); lookback {report['lookback']}",
+        f"fetched      through {report['fetched_through'] or 'nothing yet'}",
+        f"next sync    {report['next_sync']['windows']} window(s) from {report['next_sync']['start']}",
+        f"last load    {last.get('finished_at') or 'none'}"
+        + (f", {last['rows']:,} rows" if last else "")
+        + (f", {last['seconds']} s" if last.get("seconds") is not None else ""),
+        f"table        {table['rows']:,} rows, stopped_at {table['first_stopped_at']} .. {table['last_stopped_at']}",
+    ]
+    for backfill in report["backfills"]:
+        state = "done" if backfill["done"] else f"unfinished, committed through {backfill['through']}"
+        lines.append(f"backfill     [{backfill['start']}, {backfill['end']}) project {backfill['project_id'] or 'all'}: {state}")
+    pending = report["pending_load_packages"]
+    lines.append(f"pending      {', '.join(pending) if pending else 'no pending load packages'}")
+    return "\n".join(lines)
+
+
+def format_verify(reports: list[Any]) -> str:
+    lines = []
+    for r in reports:
+        mark = "ok " if r.ok else "DIFF"
+        line = f"{mark} {r.window.start.to_date_string()}  api {r.api:>6}  warehouse {r.warehouse:>6}"
+        if not r.ok:
+            line += f"  missing {len(r.missing)}  extra {len(r.extra)}  changed {len(r.changed)}"
+            for label, ids in (("missing", r.missing), ("extra", r.extra), ("changed", r.changed)):
+                if ids:
+                    line += f"\n      {label}: {', '.join(ids[:10])}" + (" ..." if len(ids) > 10 else "")
+        lines.append(line)
+    bad = sum(not r.ok for r in reports)
+    verdict = "match" if not bad else f"differ on {bad} of {len(reports)} day(s)"
+    lines.append(f"API {sum(r.api for r in reports):,} records, warehouse {sum(r.warehouse for r in reports):,} rows: {verdict}")
+    return "\n".join(lines)
+
+
+def print_summary(config: Settings, result: Any) -> None:
     cursor = format_rfc3339(result.cursor) if result.cursor else "none yet"
     where = f"{config.destination} dataset {config.dataset_name!r}, table environment_usage_records"
     print(f"Loaded {result.rows_loaded:,} rows into {where}")
@@ -430,15 +440,14 @@ def print_summary(config: SyncSettings, result: Any) -> None:
         f"Fetched {result.windows:,} windows, {result.pages:,} pages in {result.requests:,} requests "
         f"({result.retries} retries), committed in {result.chunks} load(s)"
     )
-    print(f"Cursor (newest stopped_at): {cursor}; lookback {config.lookback}")
+    print(f"Cursor (newest stopped_at): {cursor}; lookback {config.describe('lookback')}")
     print(f"Took {result.seconds:.1f} s")
 
 
-def print_example_query(config: SyncSettings) -> None:
-    from ona_usage.pipeline import make_pipeline
+def print_example_query(config: Settings) -> None:
+    from ona_usage.pipeline import attach
 
-    pipeline = make_pipeline(config)
-    with pipeline.sql_client() as client:
+    with attach(config).sql_client() as client:
         table = client.make_qualified_table_name("environment_usage_daily")
         sql = EXAMPLE_SQL.format(table=table)
         rows = client.execute_sql(sql)
@@ -481,39 +490,46 @@ def root_cause(exc: BaseException) -> BaseException:
     return found
 
 
-_SECRETS: list[str] = []
+class Secrets(logging.Filter):
+    """The key of this command: scrubbed from its error line and, as a log filter, from every log record."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._values: list[str] = []
 
-def _remember_secret(secret: str | None) -> None:
-    if secret and secret not in _SECRETS:
-        _SECRETS.append(secret)
+    def add(self, secret: str | None) -> None:
+        if secret and secret not in self._values:
+            self._values.append(secret)
 
-
-def _scrub(text: str) -> str:
-    for secret in _SECRETS:
-        text = text.replace(secret, "***")
-    return text
-
-
-class _ScrubSecrets(logging.Filter):
-    """Last line of defence: no log record leaves with the API key in it."""
+    def scrub(self, text: str) -> str:
+        for secret in self._values:
+            text = text.replace(secret, "***")
+        return text
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if any(secret in message for secret in _SECRETS):
-            record.msg, record.args = _scrub(message), ()
+        if any(secret in message for secret in self._values):
+            record.msg, record.args = self.scrub(message), ()
         return True
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
+@contextmanager
+def logging_to_stderr(args: argparse.Namespace, secrets: Secrets) -> Iterator[None]:
+    """Our log lines on stderr for this command only, the key scrubbed from every one."""
     # In a terminal the live progress shows what INFO lines would; elsewhere they are the progress.
     level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.WARNING if sys.stderr.isatty() else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_ScrubSecrets())
+    handler.addFilter(secrets)
+    saved = logger.handlers[:], logger.level, logger.propagate
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:], level, logger.propagate = saved
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ API key; the key is only ever placed in the `Authorization` header.
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import logging
 import random
 import threading
@@ -25,16 +24,23 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from ona_usage import __version__
 from ona_usage.concurrency import AdaptiveLimit
+from ona_usage.settings import (
+    CONNECT_TIMEOUT,
+    DEFAULT_BACKOFF,
+    DEFAULT_BASE_URL,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TIMEOUT,
+    DEFAULT_WORKERS,
+    MAX_PAGE_SIZE,
+    Settings,
+    check_base_url,
+)
 from ona_usage.transport import CertificateError, StdlibTransport, proxy_for
 from ona_usage.windows import Window, format_rfc3339
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://app.gitpod.io/api"
 LIST_USAGE_PATH = "/gitpod.v1.UsageService/ListEnvironmentUsageRecords"
-MAX_PAGE_SIZE = 100
-DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
-DEFAULT_MAX_ATTEMPTS = 6
 # A server that asks us to wait longer than this is treated as down, not as busy.
 MAX_RETRY_AFTER = 300.0
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -60,29 +66,18 @@ class TransientApiError(OnaApiError):
         self.retry_after = retry_after
 
 
-def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> httpx.URL:
-    """Refuse URLs that would send the key in clear text to anything but this machine."""
-    try:
-        url = httpx.URL(base_url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise ValueError(f"base URL {base_url!r} is not a URL: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"base URL {base_url!r} is not an http(s) URL, e.g. {DEFAULT_BASE_URL}")
-    if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
-        raise ValueError(
-            f"base URL {base_url!r} uses plain http, which would send the API key unencrypted; "
-            "use https (plain http is allowed only to 127.0.0.1/localhost)"
-        )
-    return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def make_client(settings: Settings) -> UsageClient:
+    """The one way the sync builds its client, so every command retries and times out alike."""
+    return UsageClient(
+        settings.require_api_key(),
+        settings.base_url,
+        page_size=settings.page_size,
+        timeout=settings.timeout,
+        max_attempts=settings.max_attempts,
+        backoff=settings.backoff,
+        allow_insecure_http=settings.allow_insecure_http,
+        concurrency=settings.workers,
+    )
 
 
 class UsageClient:
@@ -94,11 +89,11 @@ class UsageClient:
         base_url: str = DEFAULT_BASE_URL,
         *,
         page_size: int = MAX_PAGE_SIZE,
-        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        timeout: float = DEFAULT_TIMEOUT,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        backoff: float = 0.5,
+        backoff: float = DEFAULT_BACKOFF,
         allow_insecure_http: bool = False,
-        concurrency: int = 16,
+        concurrency: int = DEFAULT_WORKERS,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not api_key:
@@ -123,7 +118,7 @@ class UsageClient:
                 "User-Agent": f"ona-usage/{__version__}",
             }
         )
-        self._timeout = (timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)).as_dict()
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)).as_dict()
         self._shared_transport = transport
         self.limit = AdaptiveLimit(concurrency)
         self._local = threading.local()

@@ -7,15 +7,17 @@ an API that does not offer it) costs that table, with one warning, and never the
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dlt
 from dlt.common.schema.typing import TTableSchemaColumns
 from dlt.extract.resource import DltResource
 
-from ona_usage.client import OnaApiError, UsageClient
+from ona_usage.client import OnaApiError, UsageClient, make_client
+from ona_usage.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +54,23 @@ CATALOG: dict[str, tuple[str, str, Callable[[dict[str, Any]], dict[str, Any]], T
 }
 
 
-def name_resources(client: UsageClient) -> list[DltResource]:
-    """A `replace` resource for each list the key may read; the others are left out, said once."""
-    resources = []
-    for table, (path, key, to_row, columns) in CATALOG.items():
-        try:
-            items = client.list_all(path, key)
-        except OnaApiError as exc:
-            logger.warning("%s are left out (their names stay unknown): %s", table.replace("_", " "), exc)
-            continue
-        rows = [row for row in map(to_row, items) if row["id"]]
-        resources.append(
-            dlt.resource(rows, name=table, write_disposition="replace", primary_key="id", columns=columns)
-        )
-    return resources
+def name_resources(config: Settings, client: UsageClient | None = None) -> list[DltResource]:
+    """A `replace` resource per list; each uses `client`, or a client of its own that it closes."""
+    return [_name_resource(table, config, client) for table in CATALOG]
+
+
+def _name_resource(table: str, config: Settings, client: UsageClient | None) -> DltResource:
+    path, key, to_row, columns = CATALOG[table]
+
+    @dlt.resource(name=table, write_disposition="replace", primary_key="id", columns=columns)
+    def names() -> Iterator[list[dict[str, Any]]]:
+        with contextlib.ExitStack() as stack:
+            api = client or stack.enter_context(make_client(config))
+            try:
+                items = api.list_all(path, key)
+            except OnaApiError as exc:
+                logger.warning("%s are left out (their names stay unknown): %s", table.replace("_", " "), exc)
+                return
+        yield [row for row in map(to_row, items) if row["id"]]
+
+    return names

@@ -1,15 +1,15 @@
-"""The dlt pipeline around the source: destination and dataset, runs in chunks, and the state.
+"""The runner: the `ona_usage` source run as a command, in chunks, under a lock.
 
-A command takes the pipeline's lock, finishes any load a killed or failed run left pending,
-then runs the source one chunk at a time; each chunk is one dlt load that commits its rows and
-its progress together, so a crash loses at most the chunk in flight.
+A command takes the pipeline's lock, follows the destination's state (finishing a load that a
+killed run left pending), then runs the source one chunk of windows at a time: each chunk is
+one dlt load that commits its rows and its progress together, so a crash loses at most the
+chunk in flight. The names ride with the last chunk; the models are refreshed after it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -17,33 +17,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import dlt
-import httpx
 import pendulum
 from dlt.common.destination.reference import Destination
 from dlt.common.pipeline import LoadInfo, get_dlt_pipelines_dir
+from dlt.pipeline.trace import PipelineTrace, save_trace
 
-from ona_usage.client import UsageClient
-from ona_usage.models import create_views, drop_views
+from ona_usage.client import UsageClient, make_client
+from ona_usage.models import MODELS, has_sql, refresh_models
 from ona_usage.names import name_resources
-from ona_usage.settings import ConfigError, SyncSettings, default_start_date, parse_date
-from ona_usage.source import (
-    CURSOR_COLUMN,
-    RESOURCE_NAME,
-    Chunk,
-    ExtractStats,
-    WindowFetcher,
-    backfill_key,
-    ona_usage,
-    resume_point,
-)
-from ona_usage.windows import Window, format_rfc3339, parse_duration, parse_window_size, tile, to_utc
+from ona_usage.settings import ConfigError, Settings
+from ona_usage.source import ExtractStats, Feed, WindowFetcher, plan_windows, source_of, usage_records
+from ona_usage.state import RESOURCE_NAME, SyncState
+from ona_usage.windows import Window
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DUCKDB_FILE = "ona-usage.duckdb"
+Range = tuple[pendulum.DateTime, pendulum.DateTime]
+TARGET_FILE = "ona_usage_target"  # in the pipeline's working folder: what its local state is of
 
 
 class PipelineBusyError(RuntimeError):
@@ -65,207 +57,221 @@ class SyncResult:
     load_infos: list[LoadInfo] = field(default_factory=list)
 
 
-@dataclass
-class SyncState:
-    """The resource's state as the scheduled sync and backfills see it."""
-
-    cursor: datetime | None
-    fetched_through: datetime | None
-    fetched_at: datetime | None
-    initial_value: datetime | None
-    backfills: dict[str, Any]
-
-
-def make_pipeline(settings: SyncSettings, destination: Destination | None = None) -> dlt.Pipeline:
-    """A pipeline whose state and data live in the configured destination and dataset."""
-    # Arrow tables skip dlt's row normalizer, which would add `_dlt_load_id`; ask for it, so
-    # every row says which load wrote it (and `status` can count the last load's rows).
-    dlt.config["normalize.parquet_normalizer.add_dlt_load_id"] = True
-    return dlt.pipeline(
-        pipeline_name=settings.pipeline_name,
-        destination=destination or make_destination(settings),
-        dataset_name=settings.dataset_name,
-    )
-
-
-def make_destination(settings: SyncSettings) -> Destination:
-    """The named dlt destination; DuckDB defaults to `ona-usage.duckdb` in the working directory.
-
-    Not `ona_usage.duckdb`: DuckDB names the catalog after the file, and a catalog named like
-    the `ona_usage` dataset makes every `ona_usage.<table>` reference ambiguous.
-    """
-    if settings.destination == "duckdb":
-        path = duckdb_path()
-        if Path(path).stem == settings.dataset_name:
-            raise ConfigError(
-                f"the DuckDB file {path!r} is named like the dataset {settings.dataset_name!r}, which makes "
-                "DuckDB's table names ambiguous; rename the file or set --dataset-name"
-            )
-        return dlt.destinations.duckdb(credentials=path)
-    try:
-        return Destination.from_reference(settings.destination)
-    except Exception as exc:  # dlt raises several types for names it cannot resolve
-        raise ConfigError(
-            f"unknown destination {settings.destination!r} ({type(exc).__name__}); "
-            "use a dlt destination name such as duckdb, postgres, bigquery, snowflake, motherduck or filesystem"
-        ) from None
-
-
-@contextmanager
-def open_destination(settings: SyncSettings, destination: Destination) -> Iterator[Destination]:
-    """For DuckDB, one connection for all of a command's loads, closed (and checkpointed) once.
-
-    dlt opens and closes a connection per load job otherwise, and each close checkpoints the
-    file: with a load per chunk that was a third of a year's sync.
-    """
-    if settings.destination != "duckdb":
-        yield destination
-        return
-    import duckdb
-
-    connection = duckdb.connect(duckdb_path())
-    # DuckDB would take up to 80% of RAM as cache; a chunk's merge needs a small part of it.
-    connection.execute("SET memory_limit = ?", [settings.duckdb_memory_limit])
-    try:
-        yield dlt.destinations.duckdb(credentials=connection)
-    finally:
-        connection.close()
-
-
-def duckdb_path() -> str:
-    """dlt's `destination.duckdb.credentials` if set (env or .dlt/), else the default file."""
-    for accessor in (dlt.secrets, dlt.config):
-        configured = accessor.get("destination.duckdb.credentials")
-        if isinstance(configured, str) and configured.strip():
-            return configured
-    return DEFAULT_DUCKDB_FILE
-
-
-def restore_state(pipeline: dlt.Pipeline, settings: SyncSettings) -> None:
-    """Bring the local state up to the destination's, without creating an empty DuckDB file."""
-    if settings.destination == "duckdb" and not Path(duckdb_path()).exists():
-        return
-    pipeline.sync_destination()
-
-
-def run_sync(settings: SyncSettings, stats: ExtractStats | None = None) -> SyncResult:
+def run_sync(config: Settings, stats: ExtractStats | None = None) -> SyncResult:
     """The scheduled run: from the state (or `start_date`) to now, a chunk per load."""
-    return _run(settings, stats, backfill=None)
+    return _run(config, stats or ExtractStats(), backfill=None)
 
 
-def run_backfill(
-    settings: SyncSettings, start: str, end: str, stats: ExtractStats | None = None
-) -> SyncResult:
+def run_backfill(config: Settings, backfill: Range, stats: ExtractStats | None = None) -> SyncResult:
     """Load `[start, end)` merged on `id`, resuming after its last committed chunk.
 
     The scheduled cursor does not move: dlt's `end_value` runs keep no cursor state.
     """
-    begin, finish = parse_date(start, "--start"), parse_date(end, "--end")
-    if finish <= begin:
-        raise ConfigError(f"--end {end!r} must be after --start {start!r}")
-    return _run(settings, stats, backfill=(begin, finish))
+    return _run(config, stats or ExtractStats(), backfill=backfill)
+
+
+def run_repair(config: Settings, windows: list[Window], stats: ExtractStats | None = None) -> SyncResult:
+    """Reload just these windows (the days `verify` found different), as one backfill of their span."""
+    span = (windows[0].start, windows[-1].end)
+    return _run(config, stats or ExtractStats(), backfill=span, windows=windows)
 
 
 def _run(
-    settings: SyncSettings,
-    stats: ExtractStats | None,
-    backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None,
+    config: Settings, stats: ExtractStats, backfill: Range | None, windows: list[Window] | None = None
 ) -> SyncResult:
-    settings.validate()
-    destination = make_destination(settings)  # an unknown one fails before any request
-    stats = stats if stats is not None else ExtractStats()
+    destination = make_destination(config)  # an unknown one fails before any request
     result = SyncResult()
     started = time.monotonic()
-    with UsageClient(
-        settings.api_key,
-        settings.base_url,
-        page_size=int(settings.page_size),
-        max_attempts=int(settings.max_attempts),
-        timeout=httpx.Timeout(float(settings.timeout), connect=min(float(settings.timeout), 10.0)),
-        allow_insecure_http=settings.allow_insecure_http,
-        concurrency=int(settings.workers),
-    ) as client:
+    with make_client(config) as client:
         stats.retries = lambda: client.retries
         # A bad key or URL fails here, before anything touches the destination or the state.
         client.check_access()
-        with pipeline_lock(settings), open_destination(settings, destination) as opened:
-            _run_chunks(client, make_pipeline(settings, opened), settings, stats, backfill, result)
+        with pipeline_lock(config), open_destination(config, destination) as opened:
+            pipeline = make_pipeline(config, opened)
+            follow_destination(pipeline, config)
+            now = pendulum.now("UTC")
+            windows = windows or plan_windows(config, read_state(pipeline), now, backfill)
+            traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result)
+            if result.chunks and has_sql(pipeline) and refresh_models(pipeline):
+                traces.append(pipeline.last_trace)
+            _save_trace(pipeline, traces)
+            result.cursor = read_state(pipeline).cursor
     result.windows, result.pages = stats.windows_done, stats.pages
     result.requests, result.retries = client.requests, client.retries
     result.seconds = time.monotonic() - started
     return result
 
 
-def _run_chunks(
-    client: UsageClient,
+def _load_chunks(
     pipeline: dlt.Pipeline,
-    settings: SyncSettings,
+    config: Settings,
+    client: UsageClient,
+    windows: list[Window],
+    now: pendulum.DateTime,
+    backfill: Range | None,
     stats: ExtractStats,
-    backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None,
     result: SyncResult,
-) -> None:
-    """Plan the range once, then one dlt load per chunk; each commits its rows and progress."""
-    finish_pending(pipeline)
-    pipeline.sync_destination()
-    key = backfill_key(*backfill, settings.project_id) if backfill else None
-    now = pendulum.now("UTC")
-    windows = planned_windows(pipeline, settings, backfill, now)
+) -> list[PipelineTrace]:
+    """One dlt load per chunk of windows, fetched ahead by one fetcher; the names ride the last."""
     stats.windows_total = len(windows)
-    size = chunk_windows(settings)
+    size = config.windows_per_chunk
     chunks = [windows[i : i + size] for i in range(0, len(windows), size)]
-    with WindowFetcher(client, windows, settings.project_id, int(settings.workers), lookahead=size) as fetcher:
-        for number, windows_of_chunk in enumerate(chunks, start=1):
-            if backfill:
-                bounds = {"start_date": format_rfc3339(windows_of_chunk[0].start), "end_date": format_rfc3339(backfill[1])}
-            else:
-                bounds = {"start_date": settings.start_date}
-            source = ona_usage(
-                client=client,
-                stats=stats,
-                project_id=settings.project_id,
-                window=settings.window,
-                lookback=settings.lookback,
-                chunk=Chunk(windows_of_chunk, fetcher, last=number == len(chunks), fetched_at=now),
-                backfill=key,
-                **bounds,
-            )
-            if settings.destination == "filesystem":
+    traces = []
+    with WindowFetcher(client, windows, config.project_id, config.workers, lookahead=size) as fetcher:
+        for number, chunk in enumerate(chunks, start=1):
+            last = number == len(chunks)
+            usage = usage_records(config, backfill, Feed(chunk, fetcher, fetched_at=now, last=last, stats=stats))
+            if config.destination == "filesystem":
                 # Plain Parquet files cannot be merged into; Delta tables can, on `id` like elsewhere.
-                source.resources[RESOURCE_NAME].apply_hints(table_format="delta")
-            result.load_infos.append(pipeline.run(source))
+                usage.apply_hints(table_format="delta")
+            # After the usage in the same load: a list the key may not read is left out, never the usage.
+            names = name_resources(config, client) if last and config.names else []
+            result.load_infos.append(pipeline.run(source_of([usage, *names])))
             result.chunks += 1
-            normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
-            result.rows_loaded += normalize.row_counts.get(RESOURCE_NAME, 0) if normalize else 0
-            if number < len(chunks):
+            result.rows_loaded += _rows_normalized(pipeline, RESOURCE_NAME)
+            traces.append(pipeline.last_trace)
+            if not last:
                 logger.info("committed chunk %d of %d (%d of %d windows)", number, len(chunks), stats.windows_done, stats.windows_total)
-    if result.chunks and settings.names:
-        # After the usage is committed: names are a nicety, and their failure must not cost it.
-        resources = name_resources(client)
-        if resources:
-            result.load_infos.append(pipeline.run(resources, schema=pipeline.default_schema))
-    if result.chunks:
-        create_views(pipeline)
-    result.cursor = read_state(pipeline).cursor
+    return traces
 
 
-def reset(settings: SyncSettings) -> bool:
-    """Drop the table and the resource's state, in the destination and locally (dlt's drop)."""
+def _rows_normalized(pipeline: dlt.Pipeline, table: str) -> int:
+    normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
+    return normalize.row_counts.get(table, 0) if normalize else 0
+
+
+def _save_trace(pipeline: dlt.Pipeline, traces: list[PipelineTrace]) -> None:
+    """One trace for the whole command, so `dlt pipeline <name> trace` shows the usage loads too."""
+    traces = [t for t in traces if t is not None]
+    if len(traces) < 2:
+        return
+    steps = [step for trace in traces for step in trace.steps]
+    save_trace(pipeline.working_dir, traces[0]._replace(steps=steps, finished_at=traces[-1].finished_at))
+
+
+def make_pipeline(config: Settings, destination: Destination | None = None) -> dlt.Pipeline:
+    """A pipeline whose state and data live in the configured destination and dataset."""
+    return dlt.pipeline(
+        pipeline_name=config.pipeline_name,
+        destination=destination or make_destination(config),
+        dataset_name=config.dataset_name,
+    )
+
+
+def make_destination(config: Settings) -> Destination:
+    """The named dlt destination; DuckDB always at `config.duckdb_file`, an absolute path."""
+    if config.destination == "duckdb":
+        if Path(config.duckdb_file).stem == config.dataset_name:
+            raise ConfigError(
+                f"the DuckDB file {config.duckdb_file!r} is named like the dataset {config.dataset_name!r}, which "
+                "makes DuckDB's table names ambiguous; rename the file or set --dataset-name"
+            )
+        return dlt.destinations.duckdb(credentials=config.duckdb_file)
+    try:
+        return Destination.from_reference(config.destination)
+    except Exception as exc:  # dlt raises several types for names it cannot resolve
+        raise ConfigError(
+            f"unknown destination {config.destination!r} ({type(exc).__name__}); "
+            "use a dlt destination name such as duckdb, postgres, bigquery, snowflake, motherduck or filesystem"
+        ) from None
+
+
+@contextmanager
+def open_destination(config: Settings, destination: Destination) -> Iterator[Destination]:
+    """For DuckDB, one connection for all of a command's loads, closed (and checkpointed) once.
+
+    dlt opens and closes a connection per load job otherwise, and each close checkpoints the
+    file: with a load per chunk that was a third of a year's sync.
+    """
+    if config.destination != "duckdb":
+        yield destination
+        return
+    import duckdb
+
+    connection = duckdb.connect(config.duckdb_file)
+    # DuckDB would take up to 80% of RAM as cache; a chunk's merge needs a small part of it.
+    connection.execute("SET memory_limit = ?", [config.duckdb_memory_limit])
+    try:
+        yield dlt.destinations.duckdb(credentials=connection)
+    finally:
+        connection.close()
+
+
+def warehouse_exists(config: Settings) -> bool:
+    """False for a DuckDB file that is not there yet (reading must not create it)."""
+    return config.destination != "duckdb" or config.duckdb_file.startswith(("md:", "motherduck:")) or Path(config.duckdb_file).exists()
+
+
+def target(config: Settings) -> str:
+    """What a pipeline's local state belongs to: the warehouse, the dataset and the API."""
+    where = config.duckdb_file if config.destination == "duckdb" else config.destination
+    return f"{where}|{config.dataset_name}|{config.base_url}|{config.project_id or '*'}"
+
+
+def follow_destination(pipeline: dlt.Pipeline, config: Settings) -> None:
+    """Make the destination's state the one this command runs from.
+
+    dlt keeps a pipeline's local state machine-wide, under its name; it may be of another
+    warehouse (a run from another directory), another dataset or another API. Such state is
+    dropped, with one line, and the destination's restored instead. State of this very target
+    is kept only to finish a load a killed run left pending, then brought up to the destination.
+    """
+    marker = Path(pipeline.working_dir) / TARGET_FILE
+    recorded = marker.read_text() if marker.exists() else None
+    if recorded == target(config):
+        finish_pending(pipeline)
+    elif pipeline.default_schema_name or pipeline.has_pending_data:
+        logger.warning(
+            "the local state of pipeline %r was of %s; following the state stored in %s instead",
+            config.pipeline_name,
+            (recorded or "an unrecorded target").split("|")[0],
+            target(config).split("|")[0],
+        )
+        pipeline.drop()
+    if warehouse_exists(config):
+        pipeline.sync_destination()
+    elif pipeline.default_schema_name:  # the warehouse is gone: so is what the state described
+        pipeline.drop()
+    Path(pipeline.working_dir).mkdir(parents=True, exist_ok=True)
+    marker.write_text(target(config))
+
+
+def attach(config: Settings) -> dlt.Pipeline:
+    """A pipeline for reading: the destination's state, whatever the local folder holds.
+
+    Readers do not take the lock, so they never drop a local folder a running sync may own:
+    where the local state is of another target, they read through a throwaway folder instead.
+    """
+    pipeline = make_pipeline(config)
+    marker = Path(pipeline.working_dir) / TARGET_FILE
+    local_is_ours = marker.exists() and marker.read_text() == target(config)
+    if not local_is_ours and (pipeline.default_schema_name or pipeline.has_pending_data):
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="ona-usage-")
+        pipeline = dlt.pipeline(
+            pipeline_name=config.pipeline_name,
+            pipelines_dir=folder,
+            destination=make_destination(config),
+            dataset_name=config.dataset_name,
+        )
+    if warehouse_exists(config):
+        pipeline.sync_destination()
+    return pipeline
+
+
+def reset(config: Settings) -> bool:
+    """Drop the table, the models and the resource's state, in the destination and locally."""
     from dlt.pipeline.helpers import pipeline_drop
 
-    with pipeline_lock(settings):
-        pipeline = make_pipeline(settings)
-        restore_state(pipeline, settings)
+    with pipeline_lock(config):
+        pipeline = make_pipeline(config)
+        follow_destination(pipeline, config)
         if not pipeline.default_schema_name:
             return False
-        drop_views(pipeline)
-        pipeline_drop(pipeline, resources=[RESOURCE_NAME])()
+        loaded = set(pipeline.default_schema.tables)
+        pipeline_drop(pipeline, resources=[RESOURCE_NAME, *(m for m in MODELS if m in loaded)])()
         return True
-
-
-def chunk_windows(settings: SyncSettings) -> int:
-    """Windows per load: `--chunk` (60 days by default) in windows of `--window`."""
-    window = parse_window_size(settings.window).total_seconds()
-    return max(1, math.ceil(parse_duration(settings.chunk, name="chunk").total_seconds() / window))
 
 
 def finish_pending(pipeline: dlt.Pipeline) -> None:
@@ -292,18 +298,8 @@ def finish_pending(pipeline: dlt.Pipeline) -> None:
 
 
 def read_state(pipeline: dlt.Pipeline) -> SyncState:
-    """The resource state: the cursor, how far the sync fetched, and backfills."""
-    resource: dict[str, Any] = (
-        pipeline.state.get("sources", {}).get("ona_usage", {}).get("resources", {}).get(RESOURCE_NAME, {})
-    )
-    incremental = resource.get("incremental", {}).get(CURSOR_COLUMN, {})
-    return SyncState(
-        cursor=incremental.get("last_value"),
-        fetched_through=resource.get("fetched_through"),
-        fetched_at=resource.get("fetched_at"),
-        initial_value=incremental.get("initial_value"),
-        backfills=dict(resource.get("backfills", {})),
-    )
+    """The usage resource's state: the cursor, how far the sync fetched, and backfills."""
+    return SyncState.from_pipeline_state(pipeline.state)
 
 
 def read_cursor(pipeline: dlt.Pipeline) -> datetime | None:
@@ -311,33 +307,12 @@ def read_cursor(pipeline: dlt.Pipeline) -> datetime | None:
     return read_state(pipeline).cursor
 
 
-def planned_windows(
-    pipeline: dlt.Pipeline,
-    settings: SyncSettings,
-    backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None = None,
-    now: pendulum.DateTime | None = None,
-) -> list[Window]:
-    """The windows a run would fetch now, from the same rule the resource applies."""
-    size = parse_window_size(settings.window)
-    state = read_state(pipeline)
-    if backfill:
-        progress = state.backfills.get(backfill_key(*backfill, settings.project_id), {})
-        # An unfinished backfill continues after its last chunk; a finished one runs again whole.
-        start = backfill[0] if progress.get("done") else to_utc(progress.get("through") or backfill[0])
-        return list(tile(start, backfill[1], size))
-    lookback = parse_duration(settings.lookback, name="lookback")
-    initial = to_utc(state.initial_value or settings.start_date or default_start_date())
-    lagged = initial if state.cursor is None else max(to_utc(state.cursor) - lookback, initial)
-    start = resume_point(lagged, state.fetched_through, state.fetched_at, lookback)
-    return list(tile(start, now or pendulum.now("UTC"), size))
-
-
 @contextmanager
-def pipeline_lock(settings: SyncSettings) -> Iterator[None]:
+def pipeline_lock(config: Settings) -> Iterator[None]:
     """One run per pipeline at a time on this machine; a second one is refused, not queued."""
     folder = Path(get_dlt_pipelines_dir())  # where dlt keeps the pipeline's local state
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f".{settings.pipeline_name}.lock"
+    path = folder / f".{config.pipeline_name}.lock"
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -345,7 +320,7 @@ def pipeline_lock(settings: SyncSettings) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise PipelineBusyError(
-                f"another ona-usage run of pipeline {settings.pipeline_name!r} is in progress (pid {holder}); "
+                f"another ona-usage run of pipeline {config.pipeline_name!r} is in progress (pid {holder}); "
                 "wait for it to finish"
             ) from None
         handle.seek(0)

@@ -1,7 +1,7 @@
-"""A usage report from the daily view: one self-contained HTML file, or a PNG chart.
+"""A usage report from the daily model: one self-contained HTML file, or a PNG chart.
 
 Every figure comes from SQL sums over `environment_usage_daily` through the pipeline's own SQL
-client, so the report agrees with whatever an analyst gets from the same view. The HTML has no
+client, so the report agrees with whatever an analyst gets from the same table. The HTML has no
 network dependencies: inline CSS and an inline SVG chart drawn here, no scripts, no web fonts.
 Its totals sit in elements with stable ids and a full-precision `data-value` (`#total-hours`,
 `#total-runs`, `#active-users`, `#total-projects`), and the tables (`#top-users`,
@@ -28,7 +28,7 @@ from typing import Any
 import dlt
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
-from ona_usage.models import DAILY_VIEW
+from ona_usage.models import DAILY_MODEL
 from ona_usage.settings import ConfigError
 
 DEFAULT_DAYS = 30
@@ -144,15 +144,15 @@ def build_report(
 
 
 def collect(pipeline: dlt.Pipeline, *, start: date | None, end: date | None, by: str) -> ReportData:
-    """Everything the report shows, from SQL over the daily view."""
+    """Everything the report shows, from SQL over the daily model."""
     _check_duckdb_file(pipeline)
     with pipeline.sql_client() as client:
-        view = client.make_qualified_table_name(DAILY_VIEW)
+        view = client.make_qualified_table_name(DAILY_MODEL)
         try:
             columns = _columns(client, view)
         except DatabaseUndefinedRelation:
             raise ReportError(
-                f"the view {view} does not exist yet; run `ona-usage sync` first (it is created after every load)"
+                f"the table {view} does not exist yet; run `ona-usage sync` first (it is refreshed after every load)"
             ) from None
         start, end = _period(client, view, start, end)
         where = "usage_date >= %s AND usage_date < %s"

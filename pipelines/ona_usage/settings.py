@@ -1,36 +1,59 @@
-"""Every option's default, and how CLI flags, environment and dlt config combine.
+"""Every option's default and validation, and how flags, environment and dlt config combine.
 
-Precedence, highest first: a CLI flag; dlt's providers for `[sources.ona_usage]` (environment
-variables `SOURCES__ONA_USAGE__<NAME>`, then `.dlt/secrets.toml` and `.dlt/config.toml` in the
-working directory); for the key only, `ONA_API_KEY` then `GITPOD_API_KEY`; the defaults below.
+Options are resolved once, the way dlt resolves any source's config, and parsed once into typed
+values (`Settings`): durations as `pendulum.Duration`, dates as UTC datetimes, numbers as
+numbers, the DuckDB file as an absolute path. Nothing downstream parses an option again.
+
+Precedence, highest first: an explicit value (a CLI flag, or an argument of the `ona_usage`
+source); dlt's providers for `[sources.ona_usage]` (environment variables
+`SOURCES__ONA_USAGE__<NAME>`, then `.dlt/secrets.toml` and `.dlt/config.toml` in the working
+directory); for the key only, `ONA_API_KEY` then `GITPOD_API_KEY`; for the base URL only,
+`ONA_BASE_URL`; the defaults below.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import math
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+import httpx
 import pendulum
 from dlt.common.configuration import configspec, resolve_configuration
 from dlt.common.configuration.specs import BaseConfiguration
 from dlt.common.typing import TSecretStrValue
 
-from ona_usage.client import DEFAULT_BASE_URL, DEFAULT_MAX_ATTEMPTS, MAX_PAGE_SIZE, check_base_url
-from ona_usage.windows import parse_duration, parse_window_size, to_utc
+from ona_usage.windows import format_duration, parse_duration, parse_window_size, to_utc
+
+logger = logging.getLogger(__name__)
 
 SECTIONS = ("sources", "ona_usage")
+MAX_PAGE_SIZE = 100  # the API's own limit
+DEFAULT_BASE_URL = "https://app.gitpod.io/api"
 DEFAULT_WINDOW = "1d"
 DEFAULT_LOOKBACK = "2h"
 DEFAULT_PAGE_SIZE = MAX_PAGE_SIZE
 DEFAULT_WORKERS = 16
 DEFAULT_CHUNK = "60d"
-DEFAULT_DUCKDB_MEMORY_LIMIT = "128MB"
+DEFAULT_MAX_ATTEMPTS = 6
+DEFAULT_BACKOFF = 0.5
 DEFAULT_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 10.0
+DEFAULT_DUCKDB_MEMORY_LIMIT = "128MB"
 DEFAULT_START_DAYS = 30
 DEFAULT_DESTINATION = "duckdb"
-DEFAULT_DATASET_NAME = "ona_usage"
+# Not `ona_usage`: DuckDB names the catalog after the file, dlt names the file after the
+# pipeline, and a catalog named like the dataset makes every `<dataset>.<table>` ambiguous.
+DEFAULT_DATASET_NAME = "ona"
 DEFAULT_PIPELINE_NAME = "ona_usage"
+LEGACY_DUCKDB_FILE = "ona-usage.duckdb"  # with dataset `ona_usage`, the defaults before 0.2
+DUCKDB_SUFFIX = ".duckdb"  # as dlt's own default: `<pipeline_name>.duckdb` in the working directory
 API_KEY_ENV_VARS = ("ONA_API_KEY", "GITPOD_API_KEY")
+BASE_URL_ENV_VAR = "ONA_BASE_URL"
 MISSING_KEY_MESSAGE = (
     "no API key: set ONA_API_KEY (or GITPOD_API_KEY, SOURCES__ONA_USAGE__API_KEY, "
     "or api_key under [sources.ona_usage] in .dlt/secrets.toml)"
@@ -42,11 +65,11 @@ class ConfigError(ValueError):
 
 
 @configspec
-class SyncSettings(BaseConfiguration):
-    """The options of `ona-usage sync`, resolved like any dlt source's config."""
+class SyncConfig(BaseConfiguration):
+    """The options as dlt resolves them from `[sources.ona_usage]`, before they are parsed."""
 
     api_key: Optional[TSecretStrValue] = None
-    base_url: str = DEFAULT_BASE_URL
+    base_url: Optional[str] = None
     start_date: Optional[str] = None
     project_id: Optional[str] = None
     window: str = DEFAULT_WINDOW
@@ -55,51 +78,145 @@ class SyncSettings(BaseConfiguration):
     workers: int = DEFAULT_WORKERS
     chunk: str = DEFAULT_CHUNK
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    backoff: float = DEFAULT_BACKOFF
     timeout: float = DEFAULT_TIMEOUT
     names: bool = True
     duckdb_memory_limit: str = DEFAULT_DUCKDB_MEMORY_LIMIT
+    duckdb_file: Optional[str] = None
     destination: str = DEFAULT_DESTINATION
     dataset_name: str = DEFAULT_DATASET_NAME
     pipeline_name: str = DEFAULT_PIPELINE_NAME
     allow_insecure_http: bool = False
 
-    def validate(self, *, require_key: bool = True) -> None:
-        """Check every option up front, so a bad one fails before any request or write."""
-        if require_key and not self.api_key:
+
+@dataclass
+class Settings:
+    """The options, parsed and checked: what every part of the sync reads."""
+
+    api_key: Optional[str] = field(repr=False)
+    base_url: str
+    start_date: Optional[pendulum.DateTime]
+    project_id: Optional[str]
+    window: pendulum.Duration
+    lookback: pendulum.Duration
+    page_size: int
+    workers: int
+    chunk: pendulum.Duration
+    max_attempts: int
+    backoff: float
+    timeout: float
+    names: bool
+    duckdb_memory_limit: str
+    duckdb_file: str  # absolute, or a non-file DuckDB target such as ":memory:"
+    destination: str
+    dataset_name: str
+    pipeline_name: str
+    allow_insecure_http: bool
+
+    def require_api_key(self) -> str:
+        if not self.api_key:
             raise ConfigError(MISSING_KEY_MESSAGE)
-        if self.api_key and any(ch.isspace() or not ch.isprintable() for ch in self.api_key):
-            raise ConfigError("the API key contains spaces or control characters; check how it was set")
-        _check(lambda: check_base_url(self.base_url, allow_insecure_http=self.allow_insecure_http))
-        if self.start_date is not None:
-            parse_date(self.start_date, "start date")
-        _check(lambda: parse_window_size(self.window))
-        if _check(lambda: parse_duration(self.lookback, name="lookback")).total_seconds() < 0:
-            raise ConfigError(f"lookback {self.lookback!r} must not be negative")
-        if _check(lambda: parse_duration(self.chunk, name="chunk")).total_seconds() <= 0:
-            raise ConfigError(f"chunk {self.chunk!r} must be positive, e.g. 7d")
-        if not 1 <= int(self.page_size) <= MAX_PAGE_SIZE:
-            raise ConfigError(f"page size {self.page_size} must be between 1 and {MAX_PAGE_SIZE}")
-        if not 0 < float(self.timeout) <= 600:
-            raise ConfigError(f"timeout {self.timeout} must be more than 0 and at most 600 seconds")
-        if not 1 <= int(self.max_attempts) <= 20:
-            raise ConfigError(f"max_attempts {self.max_attempts} must be between 1 and 20")
-        if not 1 <= int(self.workers) <= 32:
-            raise ConfigError(f"workers {self.workers} must be between 1 and 32")
-        for name in ("dataset_name", "pipeline_name", "destination"):
-            if not str(getattr(self, name)).strip():
-                raise ConfigError(f"{name} must not be empty")
+        return self.api_key
+
+    @property
+    def windows_per_chunk(self) -> int:
+        return max(1, math.ceil(self.chunk.total_seconds() / self.window.total_seconds()))
+
+    def first_start(self) -> pendulum.DateTime:
+        """Where a pipeline's first run starts: `start_date`, or 30 days before today (UTC)."""
+        return self.start_date or pendulum.today("UTC").subtract(days=DEFAULT_START_DAYS)
+
+    def describe(self, option: str) -> str:
+        """An option as a person would write it (durations as `2h`, dates in RFC 3339)."""
+        value = getattr(self, option)
+        return format_duration(value) if isinstance(value, pendulum.Duration) else str(value)
 
 
-def resolve(overrides: dict[str, Any] | None = None) -> SyncSettings:
-    """Resolve the settings; `overrides` are CLI flags (None means "not given")."""
+def resolve(overrides: dict[str, Any] | None = None) -> Settings:
+    """Resolve and parse the options; `overrides` are explicit values (None means "not given")."""
     explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
-        settings = resolve_configuration(SyncSettings(), sections=SECTIONS, explicit_value=explicit)
+        raw = resolve_configuration(SyncConfig(), sections=SECTIONS, explicit_value=explicit)
     except Exception as exc:  # dlt reports bad config values with its own exception types
         raise ConfigError(f"bad configuration: {exc}") from None
+    return parse(raw)
+
+
+def parse(raw: SyncConfig) -> Settings:
+    """Check every option up front, so a bad one fails before any request or write."""
     # A key pasted with a newline would break the Authorization header (and land in its error).
-    settings.api_key = (settings.api_key or "").strip() or api_key_from_env()
-    return settings
+    api_key = str(raw.api_key or "").strip() or api_key_from_env()
+    if api_key and any(ch.isspace() or not ch.isprintable() for ch in api_key):
+        raise ConfigError("the API key contains spaces or control characters; check how it was set")
+    base_url = raw.base_url or os.environ.get(BASE_URL_ENV_VAR, "").strip() or DEFAULT_BASE_URL
+    allow_insecure_http = bool(raw.allow_insecure_http)
+    _check(lambda: check_base_url(base_url, allow_insecure_http=allow_insecure_http))
+    lookback = _check(lambda: parse_duration(raw.lookback, name="lookback"))
+    if lookback.total_seconds() < 0:
+        raise ConfigError(f"lookback {raw.lookback!r} must not be negative")
+    chunk = _check(lambda: parse_duration(raw.chunk, name="chunk"))
+    if chunk.total_seconds() <= 0:
+        raise ConfigError(f"chunk {raw.chunk!r} must be positive, e.g. 7d")
+    page_size = _number(raw.page_size, "page size", int, 1, MAX_PAGE_SIZE)
+    timeout = _number(raw.timeout, "timeout", float, 0, 600)
+    if timeout <= 0:
+        raise ConfigError(f"timeout {raw.timeout} must be more than 0 and at most 600 seconds")
+    for name in ("dataset_name", "pipeline_name", "destination"):
+        if not str(getattr(raw, name)).strip():
+            raise ConfigError(f"{name} must not be empty")
+    return Settings(
+        api_key=api_key,
+        base_url=base_url,
+        start_date=parse_date(raw.start_date, "start date") if raw.start_date else None,
+        project_id=raw.project_id or None,
+        window=_check(lambda: parse_window_size(raw.window)),
+        lookback=lookback,
+        page_size=page_size,
+        workers=_number(raw.workers, "workers", int, 1, 32),
+        chunk=chunk,
+        max_attempts=_number(raw.max_attempts, "max_attempts", int, 1, 20),
+        backoff=_number(raw.backoff, "backoff", float, 0, 60),
+        timeout=timeout,
+        names=bool(raw.names),
+        duckdb_memory_limit=str(raw.duckdb_memory_limit),
+        duckdb_file=duckdb_file(raw.duckdb_file, raw.pipeline_name.strip()),
+        destination=raw.destination.strip(),
+        dataset_name=raw.dataset_name.strip(),
+        pipeline_name=raw.pipeline_name.strip(),
+        allow_insecure_http=allow_insecure_http,
+    )
+
+
+def duckdb_file(explicit: str | None, pipeline_name: str) -> str:
+    """The one DuckDB file every command uses, as an absolute path.
+
+    An explicit `duckdb_file` (flag or config) wins, then dlt's own
+    `destination.duckdb.credentials`, then dlt's default, `<pipeline_name>.duckdb` in the
+    working directory. Made absolute here, so dlt never resolves it against the directory a
+    pipeline first ran in.
+    """
+    import dlt
+
+    path = explicit
+    if not path:
+        for accessor in (dlt.secrets, dlt.config):
+            configured = accessor.get("destination.duckdb.credentials")
+            if isinstance(configured, str) and configured.strip():
+                path = configured.strip()
+                break
+    if not path:
+        path = pipeline_name + DUCKDB_SUFFIX
+        if Path(LEGACY_DUCKDB_FILE).exists() and not Path(path).exists():
+            logger.warning(
+                "found %s, the default of ona-usage before 0.2; the default is now %s with dataset %r: "
+                "set --duckdb-file %s --dataset-name ona_usage to keep using it",
+                LEGACY_DUCKDB_FILE, path, DEFAULT_DATASET_NAME, LEGACY_DUCKDB_FILE,
+            )
+    if path.startswith((":memory:", "md:", "motherduck:")):
+        return path
+    if path.startswith("duckdb:///"):
+        path = path[len("duckdb:///") :]
+    return str(Path(path).expanduser().absolute())
 
 
 def api_key_from_env() -> Optional[str]:
@@ -109,16 +226,55 @@ def api_key_from_env() -> Optional[str]:
     return None
 
 
-def default_start_date() -> pendulum.DateTime:
-    return pendulum.today("UTC").subtract(days=DEFAULT_START_DAYS)
-
-
-def parse_date(text: str, what: str) -> pendulum.DateTime:
+def parse_date(text: Any, what: str) -> pendulum.DateTime:
     """An ISO date or datetime (UTC unless it says otherwise), or a clear error."""
     try:
         return to_utc(text)
     except (ValueError, TypeError, pendulum.parsing.exceptions.ParserError) as exc:
         raise ConfigError(f"{what} {text!r} is not a date; use YYYY-MM-DD or an ISO 8601 datetime ({exc})") from None
+
+
+def parse_range(start: Any, end: Any) -> tuple[pendulum.DateTime, pendulum.DateTime]:
+    """`--start` and `--end` of a backfill, verify or report, checked to make a range."""
+    begin, finish = parse_date(start, "--start"), parse_date(end, "--end")
+    if finish <= begin:
+        raise ConfigError(f"--end {end!r} must be after --start {start!r}")
+    return begin, finish
+
+
+def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> httpx.URL:
+    """Refuse URLs that would send the key in clear text to anything but this machine."""
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"base URL {base_url!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"base URL {base_url!r} is not an http(s) URL, e.g. {DEFAULT_BASE_URL}")
+    if url.scheme == "http" and not allow_insecure_http and not is_loopback(url.host):
+        raise ValueError(
+            f"base URL {base_url!r} uses plain http, which would send the API key unencrypted; "
+            "use https (plain http is allowed only to 127.0.0.1/localhost)"
+        )
+    return url
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _number(value: Any, what: str, kind: type, low: float, high: float) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {value!r} is not a number") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{what} {value} must be between {low} and {high}")
+    return number
 
 
 def _check(step: Any) -> Any:

@@ -1,43 +1,121 @@
-"""The dlt source `ona_usage` and its resource `environment_usage_records`.
+"""The dlt source `ona_usage`: usage records, and the names of the ids in them.
 
-The resource keeps dlt's incremental cursor on `stopped_at` (the newest `stoppedAt` loaded) and,
-beside it in the resource state, `fetched_through`: the end of the last window a committed run
-fetched (and `fetched_at`, when). A scheduled run asks the API for the range from there, less
-the lookback where late records may still appear, to now (see `resume_point`), in windows of at most a day, fetches several windows at once, and
-yields one Arrow table per window. Rows are merged on `id`, so a record read twice ends up once
-with its latest values. The state is committed with the data, in the destination, so a failed
-run moves neither and a run on a fresh machine resumes from there.
+`environment_usage_records` keeps dlt's incremental cursor on `stopped_at` and, beside it in the
+resource state, `fetched_through` (the end of the last window a committed run fetched) and
+`fetched_at` (when). A run asks the API for the windows `windows.plan` gives (from there, less
+the lookback where late records may still appear, to now), fetches several at once, and yields
+one Arrow table per batch of windows. Rows are merged on `id`, so a record read twice ends up
+once with its latest values. dlt commits the state with the rows, in the destination, so a
+failed run moves neither and a run on a fresh machine resumes from there.
 
-A command can run its range as several loads (chunks), each committing its windows; the
-caller plans them (`pipeline.py`) and one `WindowFetcher` fetches ahead across them. A backfill (`end_date` set) uses dlt's stateless `end_value` mode: the scheduled cursor
-does not move, and the backfill's own progress is kept under `backfills` in the resource state.
+A backfill (`end_date` set) uses dlt's stateless `end_value` mode: the scheduled cursor does not
+move, and the backfill's own progress is kept under `backfills` in the resource state.
+
+`ona-usage sync` runs the very same resources, a chunk of windows per load (`pipeline.py`):
+`usage_records` then takes its windows from a `Feed` the runner shares across the chunks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import Any, Optional
 
 import dlt
 import pendulum
 import pyarrow as pa
+from dlt.common.schema import Schema
 from dlt.extract.resource import DltResource
+from dlt.extract.source import DltSource
 
 from ona_usage import settings
-from ona_usage.client import UsageClient
+from ona_usage.client import UsageClient, make_client
+from ona_usage.names import name_resources
 from ona_usage.records import COLUMNS, first_of_each_id, from_pages
-from ona_usage.windows import Window, format_rfc3339, parse_duration, parse_window_size, tile, to_utc
+from ona_usage.settings import Settings
+from ona_usage.state import CURSOR_COLUMN, RESOURCE_NAME, SOURCE_NAME, SyncState, backfill_key
+from ona_usage.windows import Window, plan
 
-RESOURCE_NAME = "environment_usage_records"
-CURSOR_COLUMN = "stopped_at"
-BATCH_ROWS = 50_000
+logger = logging.getLogger(__name__)
+
+BATCH_ROWS = 50_000  # dlt writes each item as Parquet: a few large tables beat many small ones
+
+
+@dlt.source(name=SOURCE_NAME, max_table_nesting=0)
+def ona_usage(
+    api_key: Optional[str] = dlt.secrets.value,
+    base_url: Optional[str] = None,
+    start_date: Optional[str] = None,
+    end_date: Optional[str] = None,
+    project_id: Optional[str] = None,
+    window: str = settings.DEFAULT_WINDOW,
+    lookback: str = settings.DEFAULT_LOOKBACK,
+    page_size: int = settings.DEFAULT_PAGE_SIZE,
+    workers: int = settings.DEFAULT_WORKERS,
+) -> list[DltResource]:
+    """Ona environment usage records, merged on `id` with a cursor on `stopped_at`, and their names.
+
+    Every argument can also come from `[sources.ona_usage]` in dlt's config, or
+    `SOURCES__ONA_USAGE__<NAME>`; so can `timeout`, `max_attempts`, `backoff` and `names`,
+    exactly as for `ona-usage sync`.
+
+    Args:
+        api_key: Ona API key (personal access token). Falls back to `ONA_API_KEY`, then
+            `GITPOD_API_KEY`.
+        base_url: API base URL; defaults to `ONA_BASE_URL`, else `https://app.gitpod.io/api`.
+        start_date: Where the first run starts (ISO date or datetime, UTC); later runs resume
+            from the state. Defaults to 30 days before the first run.
+        end_date: Exclusive end of a one-off backfill of `[start_date, end_date)`; such a run
+            leaves the scheduled cursor alone and resumes after its last committed load.
+        project_id: Only records of this project.
+        window: Size of each request's date range: at most `1d`, e.g. `6h`.
+        lookback: How much of the last run's range each run reads again, to catch late records.
+        page_size: Records per page, 1 to 100.
+        workers: At most this many windows fetched at once.
+    """
+    config = settings.resolve(
+        {
+            "api_key": api_key,
+            "base_url": base_url,
+            "start_date": _text(start_date),
+            "project_id": project_id,
+            "window": window,
+            "lookback": lookback,
+            "page_size": page_size,
+            "workers": workers,
+        }
+    )
+    config.require_api_key()
+    _rows_carry_their_load_id()
+    backfill = settings.parse_range(_text(start_date), _text(end_date)) if end_date is not None else None
+    resources = [usage_records(config, backfill)]
+    if config.names:
+        resources += name_resources(config)
+    return resources
+
+
+def source_of(resources: list[DltResource]) -> DltSource:
+    """Resources of this module as the `ona_usage` source: its schema and its place in the state."""
+    _rows_carry_their_load_id()
+    source = DltSource(Schema(SOURCE_NAME), SOURCE_NAME, resources)
+    source.max_table_nesting = 0
+    return source
+
+
+def _rows_carry_their_load_id() -> None:
+    """Arrow tables skip dlt's row normalizer, which adds `_dlt_load_id`; ask for it, so every
+    row says which load wrote it (and `status` can count the last load's rows)."""
+    dlt.config["normalize.parquet_normalizer.add_dlt_load_id"] = True
 
 
 class ExtractStats:
-    """What runs fetched, for progress and the summary; shared by the chunks of one command."""
+    """What was fetched, for progress and the summary; shared by the chunks of one command."""
 
     def __init__(self, on_window: Callable[[ExtractStats, Window, int], None] | None = None) -> None:
         self.on_window = on_window
@@ -55,106 +133,23 @@ class ExtractStats:
             self.on_window(self, window, records)
 
 
-def resume_point(
-    lagged_start: pendulum.DateTime,
-    fetched_through: Any,
-    fetched_at: Any,
-    lookback: pendulum.Duration,
-) -> pendulum.DateTime:
-    """Where a scheduled run starts: the end of what was fetched, less what may have been late.
+@dataclass
+class Feed:
+    """The windows one load fetches, taken in order from a fetcher that may serve several loads."""
 
-    A record can show up in the API a while after it stopped (ingestion lag), so a window is
-    only final once it ended more than `lookback` before it was fetched. The next run starts
-    at the end of the last committed run, or `lookback` before the moment that run fetched,
-    whichever is earlier: right after the previous chunk during a long catch-up, and
-    `lookback` before the end of the previous run on a schedule. `lagged_start` is dlt's
-    `cursor - lookback` (never before the first run's start date), the floor.
-    """
-    if fetched_through is None:
-        return lagged_start
-    settled = to_utc(fetched_at or fetched_through) - lookback
-    return max(lagged_start, min(to_utc(fetched_through), settled))
-
-
-def backfill_key(start: pendulum.DateTime, end: pendulum.DateTime, project_id: str | None) -> str:
-    return f"{format_rfc3339(start)}/{format_rfc3339(end)}/{project_id or '*'}"
-
-
-@dlt.source(name="ona_usage", max_table_nesting=0)
-def ona_usage(
-    api_key: Optional[str] = dlt.secrets.value,
-    base_url: str = settings.DEFAULT_BASE_URL,
-    start_date: Optional[str] = None,
-    end_date: Optional[str] = None,
-    project_id: Optional[str] = None,
-    window: str = settings.DEFAULT_WINDOW,
-    lookback: str = settings.DEFAULT_LOOKBACK,
-    page_size: int = settings.DEFAULT_PAGE_SIZE,
-    workers: int = settings.DEFAULT_WORKERS,
-    allow_insecure_http: bool = False,
-    client: Optional[UsageClient] = None,
-    stats: Optional[ExtractStats] = None,
-    chunk: Optional[Chunk] = None,
-    backfill: Optional[str] = None,
-) -> DltResource:
-    """Ona environment usage records, merged on `id`, with an incremental cursor on `stopped_at`.
-
-    Args:
-        api_key: Ona API key (personal access token). Falls back to `ONA_API_KEY`, then
-            `GITPOD_API_KEY`.
-        base_url: API base URL, `https://app.gitpod.io/api` or `https://app.ona.com/api`.
-        start_date: Where the first run starts (ISO date or datetime, UTC); later runs resume
-            from the state. Defaults to 30 days before the first run.
-        end_date: Exclusive end of a one-off backfill of `[start_date, end_date)`; such a run
-            leaves the scheduled cursor alone.
-        project_id: Only records of this project.
-        window: Size of each request's date range: at most `1d`, e.g. `6h`.
-        lookback: How much of the last run's range each run reads again, to catch late records.
-        page_size: Records per page, 1 to 100.
-        workers: At most this many windows fetched at once (see `concurrency.py`).
-        allow_insecure_http: Allow a plain `http://` base URL that is not loopback.
-        client: An existing client to use instead of `api_key`, `base_url` and `page_size`.
-        stats: Counters the caller reads for progress and the run's summary.
-        chunk: The windows of this load, planned by the caller (`pipeline.py`), which runs a
-            command's range as several loads; without it the run plans its own range.
-        backfill: The key under which a backfill records its progress (see `backfill_key`).
-    """
-    if client is None:
-        key = api_key or settings.api_key_from_env()
-        if not key:
-            raise ValueError(settings.MISSING_KEY_MESSAGE)
-        client = UsageClient(
-            key, base_url, page_size=page_size, allow_insecure_http=allow_insecure_http, concurrency=workers
-        )
-    return usage_records(
-        client,
-        start_date=to_utc(start_date) if start_date else settings.default_start_date(),
-        end_date=to_utc(end_date) if end_date else None,
-        project_id=project_id,
-        window_size=parse_window_size(window),
-        lookback=parse_duration(lookback, name="lookback"),
-        workers=workers,
-        stats=stats,
-        chunk=chunk,
-        backfill=backfill,
-    )
+    windows: list[Window]
+    fetcher: WindowFetcher
+    fetched_at: pendulum.DateTime  # the "now" the windows were planned at
+    last: bool = True  # the last load of its command: a backfill is done after it
+    stats: ExtractStats = field(default_factory=ExtractStats)
 
 
 def usage_records(
-    client: UsageClient,
-    *,
-    start_date: pendulum.DateTime,
-    end_date: pendulum.DateTime | None = None,
-    project_id: str | None = None,
-    window_size: pendulum.Duration = pendulum.duration(days=1),
-    lookback: pendulum.Duration = pendulum.duration(hours=2),
-    workers: int = settings.DEFAULT_WORKERS,
-    stats: ExtractStats | None = None,
-    chunk: Chunk | None = None,
-    backfill: str | None = None,
+    config: Settings, backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None = None, feed: Feed | None = None
 ) -> DltResource:
-    """The resource over an existing client, so the caller can read the client's counters."""
-    stats = stats if stats is not None else ExtractStats()
+    """The usage resource; without a `feed` it plans and fetches its whole range itself."""
+    first_start = backfill[0] if backfill else config.first_start()
+    progress_key = backfill_key(*backfill, config.project_id) if backfill else None
 
     @dlt.resource(
         name=RESOURCE_NAME,
@@ -167,9 +162,9 @@ def usage_records(
     def environment_usage_records(
         stopped_at: dlt.sources.incremental[pendulum.DateTime] = dlt.sources.incremental(
             CURSOR_COLUMN,
-            initial_value=start_date,
-            end_value=end_date,
-            lag=lookback.total_seconds() or None,
+            initial_value=first_start,
+            end_value=backfill[1] if backfill else None,
+            lag=config.lookback.total_seconds() or None,
             range_start="closed",
             range_end="open",
             # Rows are merged on `id`, so dlt's boundary de-duplication is redundant work.
@@ -177,70 +172,76 @@ def usage_records(
         ),
     ) -> Iterator[pa.Table]:
         state = dlt.current.resource_state()
-        plan = chunk
-        if plan is None:  # used on its own: plan the whole range as one load
-            plan = _plan_alone(client, to_utc(stopped_at.start_value), state, end_date, window_size, lookback, project_id, workers)
-        try:
-            batch: list[pa.Table] = []
-            seen: set[str] = set()
-            for _ in plan.windows:
-                window, pages, table = plan.fetcher.next()
-                stats.window_done(window, pages, table.num_rows)
-                table = first_of_each_id(table, seen)
-                if table.num_rows:
-                    batch.append(table)
-                # dlt writes each item it gets as Parquet: a few large tables beat many small ones.
-                if sum(t.num_rows for t in batch) >= BATCH_ROWS:
-                    yield pa.concat_tables(batch)
-                    batch = []
-            if batch:
-                yield pa.concat_tables(batch)
-        finally:
-            if chunk is None:
-                plan.fetcher.close()
+        with contextlib.ExitStack() as stack:
+            own = feed or stack.enter_context(_own_feed(config, SyncState.from_resource_state(state), backfill))
+            yield from _batches(own)
         # Reached only when every window was fetched; committed with the rows, or not at all.
-        if not plan.windows:
+        if not own.windows:
             return
-        through = plan.windows[-1].end
-        if backfill:
-            state.setdefault("backfills", {})[backfill] = {
+        through = own.windows[-1].end
+        if progress_key:
+            state.setdefault("backfills", {})[progress_key] = {
                 "through": through,
-                "done": plan.last,
+                "done": own.last,
                 "updated_at": pendulum.now("UTC"),
             }
-        elif end_date is None:
-            state["fetched_through"], state["fetched_at"] = through, plan.fetched_at
+        else:
+            state["fetched_through"], state["fetched_at"] = through, own.fetched_at
 
     return environment_usage_records
 
 
-def _plan_alone(
-    client: UsageClient,
-    lagged_start: pendulum.DateTime,
-    state: dict[str, Any],
-    end_date: pendulum.DateTime | None,
-    window_size: pendulum.Duration,
-    lookback: pendulum.Duration,
-    project_id: str | None,
-    workers: int,
-) -> Chunk:
+def _batches(feed: Feed) -> Iterator[pa.Table]:
+    """The feed's windows as Arrow tables of about `BATCH_ROWS` rows, each `id` once per load."""
+    batch: list[pa.Table] = []
+    rows = 0
+    seen: set[str] = set()
+    for _ in feed.windows:
+        window, pages, table = feed.fetcher.next()
+        feed.stats.window_done(window, pages, table.num_rows)
+        table = first_of_each_id(table, seen)
+        if table.num_rows:
+            batch.append(table)
+            rows += table.num_rows
+        if rows >= BATCH_ROWS:
+            yield pa.concat_tables(batch)
+            batch, rows = [], 0
+    if batch:
+        yield pa.concat_tables(batch)
+
+
+@contextlib.contextmanager
+def _own_feed(
+    config: Settings, state: SyncState, backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None
+) -> Iterator[Feed]:
+    """A standalone run's whole range as one load, with a client and fetcher of its own."""
     now = pendulum.now("UTC")
-    if end_date is None:
-        start, end = resume_point(lagged_start, state.get("fetched_through"), state.get("fetched_at"), lookback), now
-    else:
-        start, end = lagged_start, end_date
-    windows = list(tile(start, end, window_size))
-    return Chunk(windows, WindowFetcher(client, windows, project_id, workers), last=True, fetched_at=now)
+    windows = plan_windows(config, state, now, backfill)
+    with make_client(config) as client, WindowFetcher(client, windows, config.project_id, config.workers) as fetcher:
+        yield Feed(windows, fetcher, fetched_at=now)
 
 
-class Chunk:
-    """The windows one load fetches, taken in order from a fetcher shared by all the loads."""
+def plan_windows(
+    config: Settings,
+    state: SyncState,
+    now: pendulum.DateTime,
+    backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None = None,
+) -> list[Window]:
+    """`windows.plan` with this configuration: the source, the runner and `status` all call this."""
+    return plan(
+        state,
+        size=config.window,
+        lookback=config.lookback,
+        first_start=config.first_start(),
+        now=now,
+        backfill=backfill,
+        project_id=config.project_id,
+    )
 
-    def __init__(self, windows: list[Window], fetcher: WindowFetcher, *, last: bool, fetched_at: pendulum.DateTime):
-        self.windows = windows
-        self.fetcher = fetcher
-        self.last = last
-        self.fetched_at = fetched_at
+
+def _text(value: Any) -> Any:
+    """Dates and datetimes as ISO text, the form dlt's config and `settings` take."""
+    return value.isoformat() if isinstance(value, (date, datetime)) else value
 
 
 class WindowFetcher:

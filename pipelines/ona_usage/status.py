@@ -6,27 +6,32 @@ Times are RFC 3339 UTC strings or null.
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 from typing import Any
 
 import dlt
+import pendulum
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
-from ona_usage.pipeline import make_pipeline, planned_windows, read_state, restore_state
-from ona_usage.settings import SyncSettings
-from ona_usage.source import RESOURCE_NAME
+from ona_usage.pipeline import attach, read_state, warehouse_exists
+from ona_usage.settings import Settings
+from ona_usage.source import plan_windows
+from ona_usage.state import RESOURCE_NAME, parse_backfill_key
 from ona_usage.windows import format_rfc3339
 
 STATUS_VERSION = 1
-logger = logging.getLogger(__name__)
 
 
-def collect_status(settings: SyncSettings) -> dict[str, Any]:
-    pipeline = make_pipeline(settings)
-    restore_state(pipeline, settings)  # a fresh machine reads the state stored with the data
+class StatusError(RuntimeError):
+    """The warehouse cannot be read, so there is no status to report."""
+
+
+def collect_status(settings: Settings) -> dict[str, Any]:
+    if not warehouse_exists(settings):
+        raise StatusError(f"no DuckDB file at {settings.duckdb_file}; run `ona-usage sync` first, or point --duckdb-file at one")
+    pipeline = attach(settings)  # the state stored with the data, whatever the local folder holds
     state = read_state(pipeline)
-    windows = planned_windows(pipeline, settings)
+    windows = plan_windows(settings, state, pendulum.now("UTC"))
     trace = pipeline.last_trace
     return {
         "version": STATUS_VERSION,
@@ -36,7 +41,7 @@ def collect_status(settings: SyncSettings) -> dict[str, Any]:
         "table": RESOURCE_NAME,
         "cursor": _time(state.cursor),
         "fetched_through": _time(state.fetched_through),
-        "lookback": settings.lookback,
+        "lookback": settings.describe("lookback"),
         "next_sync": {
             "windows": len(windows),
             "start": _time(windows[0].start) if windows else None,
@@ -46,9 +51,7 @@ def collect_status(settings: SyncSettings) -> dict[str, Any]:
         "table_stats": _table_stats(pipeline),
         "backfills": [
             {
-                "start": key.split("/")[0],
-                "end": key.split("/")[1],
-                "project_id": None if key.split("/")[2] == "*" else key.split("/")[2],
+                **dict(zip(("start", "end", "project_id"), parse_backfill_key(key))),
                 "through": _time(progress.get("through")),
                 "done": bool(progress.get("done")),
             }
@@ -106,9 +109,8 @@ def _query(pipeline: dlt.Pipeline, sql: str, *args: Any) -> list[tuple] | None:
             return list(client.execute_sql(text, *args) or [])
     except DatabaseUndefinedRelation:
         return None
-    except Exception as exc:  # the rest of the report is still worth having
-        logger.warning("could not query the destination for status: %s", str(exc).splitlines()[0])
-        return None
+    except Exception as exc:
+        raise StatusError(f"could not read the destination: {str(exc).splitlines()[0]}") from None
 
 
 def _time(value: Any) -> str | None:

@@ -14,10 +14,14 @@ import dlt
 import pendulum
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
-from ona_usage.client import UsageClient
+from ona_usage.client import UsageClient, make_client
+from ona_usage.pipeline import attach
 from ona_usage.records import FIELDS, from_pages
-from ona_usage.source import RESOURCE_NAME
-from ona_usage.windows import Window, format_rfc3339, tile
+from ona_usage.settings import Settings
+from ona_usage.state import RESOURCE_NAME, SyncState
+from ona_usage.windows import Window, format_rfc3339, plan
+
+DAY = pendulum.duration(days=1)
 
 COLUMNS = [column for _, column in FIELDS]
 
@@ -49,16 +53,19 @@ class DayReport:
         }
 
 
+def verify(config: Settings, start: pendulum.DateTime, end: pendulum.DateTime) -> list[DayReport]:
+    """Compare `[start, end)` one UTC day at a time, reading the warehouse the config names."""
+    days = plan(SyncState(), size=DAY, lookback=config.lookback, first_start=start, now=end, backfill=(start, end))
+    with make_client(config) as client:
+        return reconcile(client, attach(config), days, config.project_id)
+
+
 def reconcile(
-    client: UsageClient,
-    pipeline: dlt.Pipeline,
-    start: pendulum.DateTime,
-    end: pendulum.DateTime,
-    project_id: str | None = None,
+    client: UsageClient, pipeline: dlt.Pipeline, windows: list[Window], project_id: str | None = None
 ) -> list[DayReport]:
-    """Compare `[start, end)` one UTC day at a time."""
+    """Each window's records on both sides, and the ids that differ."""
     reports = []
-    for window in tile(start, end, pendulum.duration(days=1)):
+    for window in windows:
         table = from_pages(list(client.raw_pages(window, project_id)), window)
         api_rows = {row["id"]: _normalise(row) for row in table.to_pylist()}
         stored = _warehouse_rows(pipeline, window, project_id)

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import pendulum
 
+from ona_usage.state import SyncState, backfill_key
+
 MAX_WINDOW = pendulum.duration(days=1)
 _EPOCH = pendulum.datetime(1970, 1, 1, tz="UTC")
 _DURATION_PART = re.compile(r"(\d+)\s*(d|h|m|s)", re.IGNORECASE)
@@ -44,6 +46,19 @@ def parse_duration(text: str, *, name: str = "duration") -> pendulum.Duration:
         key = _UNITS[unit.lower()]
         kwargs[key] = kwargs.get(key, 0) + int(number)
     return pendulum.duration(**kwargs)
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest `1d2h30m` form of a duration, as `parse_duration` reads it; `0` for none."""
+    seconds = int(value.total_seconds())
+    if seconds <= 0:
+        return "0"
+    parts = []
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
 
 
 def parse_window_size(text: str) -> pendulum.Duration:
@@ -89,3 +104,48 @@ def tile(start: datetime, end: datetime, size: pendulum.Duration) -> Iterator[Wi
         window_end = min(_EPOCH + timedelta(microseconds=(micros // step + 1) * step), end)
         yield Window(cursor, window_end)
         cursor = window_end
+
+
+def plan(
+    state: SyncState,
+    *,
+    size: pendulum.Duration,
+    lookback: pendulum.Duration,
+    first_start: datetime,
+    now: datetime,
+    backfill: tuple[datetime, datetime] | None = None,
+    project_id: str | None = None,
+) -> list[Window]:
+    """The windows a run fetches: the one rule behind the source, `status`, `--dry-run` and verify.
+
+    A scheduled run goes from `resume_point` to now. A backfill of `[start, end)` continues
+    after its last committed chunk; a finished one runs again whole.
+    """
+    if backfill:
+        start, end = backfill
+        progress = state.backfills.get(backfill_key(start, end, project_id), {})
+        if not progress.get("done"):
+            start = to_utc(progress.get("through") or start)
+        return list(tile(start, end, size))
+    initial = to_utc(state.initial_value or first_start)
+    lagged = initial if state.cursor is None else max(to_utc(state.cursor) - lookback, initial)
+    return list(tile(resume_point(lagged, state.fetched_through, state.fetched_at, lookback), now, size))
+
+
+def resume_point(
+    lagged_start: datetime, fetched_through: datetime | None, fetched_at: datetime | None, lookback: timedelta
+) -> pendulum.DateTime:
+    """Where a scheduled run starts: the end of what was fetched, less what may have been late.
+
+    A record can show up in the API a while after it stopped (ingestion lag), so a window is
+    only final once it ended more than `lookback` before it was fetched. The next run starts
+    at the end of the last committed run, or `lookback` before the moment that run fetched,
+    whichever is earlier: right after the previous chunk during a long catch-up, and
+    `lookback` before the end of the previous run on a schedule. `lagged_start`, the cursor
+    less the lookback (never before the first run's start), is the floor.
+    """
+    lagged_start = to_utc(lagged_start)
+    if fetched_through is None:
+        return lagged_start
+    settled = to_utc(fetched_at or fetched_through) - lookback
+    return max(lagged_start, min(to_utc(fetched_through), settled))
