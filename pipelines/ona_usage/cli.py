@@ -318,15 +318,13 @@ def cmd_verify(args: argparse.Namespace, secrets: Secrets) -> int:
 def cmd_report(args: argparse.Namespace, secrets: Secrets) -> int:
     from pathlib import Path
 
-    from ona_usage.pipeline import attach, warehouse_exists
-    from ona_usage.report import ReportError, build_report
+    from ona_usage.pipeline import attach
+    from ona_usage.report import build_report
 
     config = resolve(args, secrets)
     start = settings.parse_date(args.start, "--start").date() if args.start else None
     end = settings.parse_date(args.end, "--end").date() if args.end else None
     out = Path(args.out or f"ona-usage-report.{args.fmt}")
-    if not warehouse_exists(config):
-        raise ReportError(f"no DuckDB file at {config.duckdb_file}; run `ona-usage sync` first")
     summary = build_report(attach(config), out, start=start, end=end, by=args.by, fmt=args.fmt)
     if not args.quiet:
         print(

@@ -8,9 +8,12 @@ chunk in flight. The names ride with the last chunk; the models are refreshed af
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +28,7 @@ from dlt.common.pipeline import LoadInfo, get_dlt_pipelines_dir
 from dlt.pipeline.trace import PipelineTrace, save_trace
 
 from ona_usage.client import UsageClient, make_client
-from ona_usage.models import MODELS, has_sql, refresh_models
+from ona_usage.models import MODELS, refresh_models
 from ona_usage.names import name_resources
 from ona_usage.settings import ConfigError, Settings
 from ona_usage.source import ExtractStats, Feed, WindowFetcher, plan_windows, source_of, usage_records
@@ -92,7 +95,7 @@ def _run(
             now = pendulum.now("UTC")
             windows = windows or plan_windows(config, read_state(pipeline), now, backfill)
             traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result)
-            if result.chunks and has_sql(pipeline) and refresh_models(pipeline):
+            if result.chunks and refresh_models(pipeline):
                 traces.append(pipeline.last_trace)
             _save_trace(pipeline, traces)
             result.cursor = read_state(pipeline).cursor
@@ -246,9 +249,8 @@ def attach(config: Settings) -> dlt.Pipeline:
     marker = Path(pipeline.working_dir) / TARGET_FILE
     local_is_ours = marker.exists() and marker.read_text() == target(config)
     if not local_is_ours and (pipeline.default_schema_name or pipeline.has_pending_data):
-        import tempfile
-
         folder = tempfile.mkdtemp(prefix="ona-usage-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         pipeline = dlt.pipeline(
             pipeline_name=config.pipeline_name,
             pipelines_dir=folder,
