@@ -35,7 +35,7 @@ def test_sync_from_another_directory_with_config_from_env_and_dot_dlt(workdir, s
     result = run_cli("sync", "--base-url", emulator.url, "--start-date", start.to_date_string(), env=env, cwd=elsewhere)
 
     assert result.returncode == 0, result.stderr
-    assert "Loaded 700 rows" in result.stdout
+    assert "Loaded 700 new rows" in result.stdout
     windows = (pendulum.now("UTC") - start).total_seconds() // (6 * 3600) + 1
     assert f"Fetched {int(windows)} windows" in result.stdout
     assert {r["query"].get("pageSize") for r in emulator.requests[1:]} == {"50"}
@@ -50,7 +50,7 @@ def test_gitpod_api_key_is_accepted_and_a_second_run_loads_nothing_new(workdir, 
     env = {"GITPOD_API_KEY": API_KEY}
     first = run_cli("sync", "--base-url", emulator.url, "--start-date", pendulum.now("UTC").subtract(days=3).to_date_string(), env=env)
     assert first.returncode == 0, first.stderr
-    assert "Loaded 200 rows" in first.stdout
+    assert "Loaded 200 new rows" in first.stdout
 
     second = run_cli("sync", "--base-url", emulator.url, env=env)
 
@@ -105,7 +105,7 @@ def test_demo_without_a_key_syncs_the_bundled_emulator_and_queries_it(workdir):
 
     assert result.returncode == 0, result.stderr
     assert "No API key given" in result.stdout
-    loaded = int(result.stdout.split("Loaded ")[1].split(" rows")[0].replace(",", ""))
+    loaded = int(result.stdout.split("Loaded ")[1].split(" new rows")[0].replace(",", ""))
     with duckdb.connect(str(workdir / "ona_usage.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT count(*) FROM ona.environment_usage_records").fetchone() == (loaded,)
     assert "backend" in result.stdout  # the example query names projects

@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", type=int, default=30_000, help="about this many records over --days whole days (default: %(default)s)")
     parser.add_argument("--end", type=_instant, default=None, help="end of the history, date or RFC 3339 (default: now)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before each response (default: %(default)s)")
+    parser.add_argument("--redirect", metavar="PREFIX=LOCATION", action="append", default=[],
+                        help="answer requests under PREFIX with 308 to LOCATION + the rest of the path, "
+                        "e.g. /old=/api or /api=https://app.ona.com/api (repeatable)")
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="turn off the /_control/ endpoint (faults, clock, stats, records)")
     group = parser.add_argument_group(
@@ -154,6 +157,7 @@ def serve_from_args(ns: argparse.Namespace) -> int:
         latency=ns.latency_ms / 1000,
         faults=faults,
         control=getattr(ns, "control", True),
+        redirects=dict(rule.split("=", 1) for rule in getattr(ns, "redirect", []) if "=" in rule),
     ).start()
     print(
         f"Ona API emulator on {server.url} ({len(store)} records from {start.to_date_string()} "

@@ -64,12 +64,17 @@ class EmulatorServer:
         max_logged_requests: int = 100_000,
         faults: FaultConfig | dict[str, Any] | None = None,
         control: bool = True,
+        redirects: dict[str, str] | None = None,
     ) -> None:
         self.store = store
         self.api_key = api_key
         self.host = host
         self.latency = latency
         self.control = control
+        # path prefix -> location prefix: a request under the prefix is answered `308 Permanent
+        # Redirect` to the same path under the location (another path here, or another server)
+        self.redirects: dict[str, str] = dict(redirects or {})
+        self.redirect_status = 308
         self.fault: Fault | None = None
         self.denied: set[str] = set()  # catalog kinds ("projects", ...) answered with permission_denied
         self._catalog_cache: tuple[tuple[int, int, int], dict[str, list[dict[str, Any]]]] | None = None
@@ -218,6 +223,9 @@ class EmulatorServer:
             "headers": headers,
             "at": time.monotonic(),
         }
+        if moved := self._redirect(split.path, split.query):
+            self._record(request, moved[0])
+            return moved
         if self.fault is None and self._injector is None:
             try:
                 response = self._answer(method, split.path, query, body, body_error, authorization)
@@ -232,6 +240,13 @@ class EmulatorServer:
             time.sleep(self.latency)
         self._record(request, response[0])
         return response
+
+    def _redirect(self, path: str, query: str) -> Response | None:
+        for prefix, location in self.redirects.items():
+            if path.startswith(prefix):
+                target = location + path[len(prefix) :] + (f"?{query}" if query else "")
+                return self.redirect_status, b"", {"Location": target, "Content-Type": "text/plain"}
+        return None
 
     def _respond_with_faults(
         self,

@@ -16,17 +16,29 @@ from typing import Any
 
 from ona_usage import __version__, settings
 from ona_usage.client import OnaApiError
-from ona_usage.pipeline import PipelineBusyError
+from ona_usage.pipeline import PipelineBusyError, WarehouseBusy
 from ona_usage.records import InvalidRecordError
 from ona_usage.settings import ConfigError, Settings
 from ona_usage.status import StatusError
 from ona_usage.windows import format_rfc3339
 
 logger = logging.getLogger("ona_usage")
-OUR_ERRORS = (OnaApiError, ConfigError, InvalidRecordError, PipelineBusyError, StatusError)
+OUR_ERRORS = (OnaApiError, ConfigError, InvalidRecordError, PipelineBusyError, StatusError, WarehouseBusy)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a sync or backfill; says what its committed loads hold."""
+
+    def __init__(self, chunks: int, through: Any) -> None:
+        if chunks:
+            text = f"{chunks} load(s) were committed, through {format_rfc3339(through)}; run the same command again to go on from there"
+        else:
+            text = "nothing was committed; run the same command again"
+        super().__init__(text)
 
 SYNC_OPTIONS = (
     "start_date",
+    "chunk_seconds",
     "duckdb_file",
     "project_id",
     "base_url",
@@ -60,9 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with logging_to_stderr(args, secrets):
         try:
             return int(args.run(args, secrets) or 0)
-        except KeyboardInterrupt:
-            print("ona-usage: interrupted", file=sys.stderr)
+        except Interrupted as stop:
+            print(f"ona-usage: interrupted; {stop}", file=sys.stderr)
             return 130
+        except KeyboardInterrupt:
+            print("ona-usage: interrupted; nothing was committed", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `ona-usage ... | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 0
         except Exception as exc:  # every failure ends as one line unless --debug asks for more
             if args.debug:
                 raise
@@ -114,9 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_sync,
         "load new usage records (the scheduled job)",
         "Load usage records completed since the last run (less the lookback) into the destination, merged "
-        "on id, committing a chunk at a time. The first run starts at --start-date. " + CONFIG_HELP,
+        "on id, committing a chunk at a time. The first run starts at --start. " + CONFIG_HELP,
     )
-    add_sync_arguments(sync)
+    add_start_argument(sync)
+    add_api_arguments(sync)
+    add_load_arguments(sync, lookback=True)
+    add_target_arguments(sync)
     sync.add_argument("--dry-run", action="store_true", help="print the windows a sync would fetch, load nothing")
 
     backfill = command(
@@ -128,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         "chunk. The scheduled sync's cursor does not move. " + CONFIG_HELP,
     )
     add_range_arguments(backfill)
-    add_sync_arguments(backfill, start_date=False)
+    add_api_arguments(backfill)
+    add_load_arguments(backfill, lookback=False)
+    add_target_arguments(backfill)
+    backfill.add_argument("--force", action="store_true", help="fetch a backfill that already finished once more, whole")
 
     status = command(
         "status",
@@ -149,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reloads the days that differ (a backfill) and checks again.",
     )
     add_range_arguments(verify)
-    add_sync_arguments(verify, start_date=False)
+    add_api_arguments(verify)
+    add_target_arguments(verify)
+    verify.add_argument("--chunk", metavar="DURATION", help="with --repair: commit a load after this much of the range (default 60d)")
     verify.add_argument("--repair", action="store_true", help="reload the days that differ, then verify again")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -184,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Without an API key: start the bundled API emulator with 90 days of synthetic usage, sync it into "
         "ona_usage.duckdb, print a summary and an example query. With an API key: sync the real API the same way.",
     )
-    add_sync_arguments(demo)
+    add_start_argument(demo)
+    add_target_arguments(demo)
     demo.add_argument("--records", type=int, default=30_000, help="synthetic records (default 30000)")
     demo.add_argument("--days", type=int, default=90, help="days of synthetic usage (default 90)")
 
@@ -218,16 +245,21 @@ def add_range_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end", metavar="DATE", required=True, help="end (exclusive), YYYY-MM-DD or ISO datetime, UTC")
 
 
-def add_sync_arguments(parser: argparse.ArgumentParser, start_date: bool = True) -> None:
+def add_start_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--start",
+        "--start-date",
+        dest="start_date",
+        metavar="DATE",
+        help="first run only: where to start (YYYY-MM-DD or ISO datetime, UTC; default: 30 days ago)",
+    )
+
+
+def add_api_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how to ask the API."""
     d = settings
-    if start_date:
-        parser.add_argument("--start-date", metavar="DATE", help="first run only: where to start (YYYY-MM-DD or ISO datetime, UTC; default: 30 days ago)")
     parser.add_argument("--project-id", metavar="ID", help="only records of this project")
-    parser.add_argument("--base-url", metavar="URL", help=f"API base URL (default ONA_BASE_URL, else {d.DEFAULT_BASE_URL}; also https://app.ona.com/api)")
-    add_target_arguments(parser)
-    parser.add_argument("--window", metavar="SIZE", help=f"date range per request, at most 1d (default {d.DEFAULT_WINDOW})")
-    parser.add_argument("--lookback", metavar="DURATION", help=f"re-read this much of the last run's range to catch late records (default {d.DEFAULT_LOOKBACK})")
-    parser.add_argument("--chunk", metavar="DURATION", help=f"commit a load after this much of the range (default {d.DEFAULT_CHUNK})")
+    parser.add_argument("--base-url", metavar="URL", help=f"API base URL (default ONA_BASE_URL, else {d.DEFAULT_BASE_URL})")
     parser.add_argument("--page-size", metavar="N", type=int, help=f"records per page, 1-100 (default {d.DEFAULT_PAGE_SIZE})")
     parser.add_argument("--workers", metavar="N", type=int, help=f"at most N windows fetched at once, fewer while the API answers fast (default {d.DEFAULT_WORKERS})")
     parser.add_argument(
@@ -236,6 +268,16 @@ def add_sync_arguments(parser: argparse.ArgumentParser, start_date: bool = True)
         default=None,
         help="allow a plain http:// base URL that is not 127.0.0.1/localhost (sends the key unencrypted)",
     )
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, *, lookback: bool) -> None:
+    """How a range is cut into requests and loads."""
+    d = settings
+    parser.add_argument("--window", metavar="SIZE", help=f"date range per request, dividing a day evenly: 1h, 2h, 3h, 4h, 6h, 8h, 12h or 1d (default {d.DEFAULT_WINDOW})")
+    if lookback:
+        parser.add_argument("--lookback", metavar="DURATION", help=f"re-read this much of the last run's range to catch late records (default {d.DEFAULT_LOOKBACK})")
+    parser.add_argument("--chunk", metavar="DURATION", help=f"commit a load after this much of the range (default {d.DEFAULT_CHUNK})")
+    parser.add_argument("--chunk-seconds", metavar="S", type=float, help=f"... or after this many seconds of fetching, whichever comes first (default {d.DEFAULT_CHUNK_SECONDS:.0f})")
 
 
 def sync_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,12 +293,13 @@ def resolve(args: argparse.Namespace, secrets: Secrets) -> Settings:
 def cmd_sync(args: argparse.Namespace, secrets: Secrets) -> int:
     import pendulum
 
-    from ona_usage.pipeline import attach, read_state, run_sync
+    from ona_usage.pipeline import read_state, reading, run_sync
     from ona_usage.source import plan_windows
 
     config = resolve(args, secrets)
     if args.dry_run:
-        windows = plan_windows(config, read_state(attach(config)), pendulum.now("UTC"))
+        with reading(config) as pipeline:
+            windows = plan_windows(config, read_state(pipeline), pendulum.now("UTC"))
         print(f"A sync now would fetch {len(windows)} window(s); nothing is loaded:")
         for window in windows:
             print(f"  {window}")
@@ -272,9 +315,11 @@ def cmd_backfill(args: argparse.Namespace, secrets: Secrets) -> int:
 
     config = resolve(args, secrets)
     backfill = settings.parse_range(args.start, args.end)
-    result = _with_progress(args, "backfill", lambda stats: run_backfill(config, backfill, stats))
-    if not args.quiet:
-        print(f"Backfill [{args.start}, {args.end}) done in {result.chunks} chunk(s); the scheduled cursor did not move.")
+    result = _with_progress(args, "backfill", lambda stats: run_backfill(config, backfill, stats, force=args.force))
+    if result.already_done:
+        print(f"Backfill [{args.start}, {args.end}) was done before; nothing was fetched. Add --force to fetch it again.")
+    elif not args.quiet:
+        print(f"Backfill [{args.start}, {args.end}) done in {result.chunks} load(s); the scheduled cursor did not move.")
         print_summary(config, result)
     return 0
 
@@ -318,14 +363,15 @@ def cmd_verify(args: argparse.Namespace, secrets: Secrets) -> int:
 def cmd_report(args: argparse.Namespace, secrets: Secrets) -> int:
     from pathlib import Path
 
-    from ona_usage.pipeline import attach
+    from ona_usage.pipeline import reading
     from ona_usage.report import build_report
 
     config = resolve(args, secrets)
     start = settings.parse_date(args.start, "--start").date() if args.start else None
     end = settings.parse_date(args.end, "--end").date() if args.end else None
     out = Path(args.out or f"ona-usage-report.{args.fmt}")
-    summary = build_report(attach(config), out, start=start, end=end, by=args.by, fmt=args.fmt)
+    with reading(config) as pipeline:
+        summary = build_report(pipeline, out, start=start, end=end, by=args.by, fmt=args.fmt)
     if not args.quiet:
         print(
             f"Wrote {summary.path}: {summary.start} to {summary.end} (exclusive), {summary.total_hours:,.1f} runtime "
@@ -342,9 +388,10 @@ def cmd_reset(args: argparse.Namespace, secrets: Secrets) -> int:
         print(
             f"This drops table environment_usage_records (and its models) in dataset {config.dataset_name!r} of "
             f"{config.destination} and the sync state of pipeline {config.pipeline_name!r}; the next sync "
-            "starts again from --start-date. Run `ona-usage reset --yes` to do it. Nothing was changed."
+            "starts again from --start. Run `ona-usage reset --yes` to do it. Nothing was changed.",
+            file=sys.stderr,
         )
-        return 0
+        return 2
     dropped = reset(config)
     print("Dropped the table and the sync state." if dropped else "Nothing to reset: this pipeline never loaded.")
     return 0
@@ -356,7 +403,11 @@ def _with_progress(args: argparse.Namespace, label: str, run: Any) -> Any:
 
     mode = choose_mode(args.quiet)
     with ProgressReporter(mode, label) as progress:
-        return run(ExtractStats(on_window=progress.on_window))
+        stats = ExtractStats(on_window=progress.on_window)
+        try:
+            return run(stats)
+        except KeyboardInterrupt:
+            raise Interrupted(stats.chunks_committed, stats.committed_through) from None
 
 
 def cmd_demo(args: argparse.Namespace, secrets: Secrets) -> int:
@@ -433,19 +484,23 @@ def format_verify(reports: list[Any]) -> str:
 def print_summary(config: Settings, result: Any) -> None:
     cursor = format_rfc3339(result.cursor) if result.cursor else "none yet"
     where = f"{config.destination} dataset {config.dataset_name!r}, table environment_usage_records"
-    print(f"Loaded {result.rows_loaded:,} rows into {where}")
+    if result.rows_new is None:
+        print(f"Loaded {result.rows_loaded:,} rows into {where}")
+    else:
+        again = result.rows_loaded - result.rows_new
+        print(f"Loaded {result.rows_new:,} new rows into {where}; {again:,} read again (kept once, with their latest values)")
     print(
         f"Fetched {result.windows:,} windows, {result.pages:,} pages in {result.requests:,} requests "
-        f"({result.retries} retries), committed in {result.chunks} load(s)"
+        f"({result.retries} retries, {result.hedged} hedged), committed in {result.chunks} load(s)"
     )
     print(f"Cursor (newest stopped_at): {cursor}; lookback {config.describe('lookback')}")
     print(f"Took {result.seconds:.1f} s")
 
 
 def print_example_query(config: Settings) -> None:
-    from ona_usage.pipeline import attach
+    from ona_usage.pipeline import reading
 
-    with attach(config).sql_client() as client:
+    with reading(config) as pipeline, pipeline.sql_client() as client:
         table = client.make_qualified_table_name("environment_usage_daily")
         sql = EXAMPLE_SQL.format(table=table)
         rows = client.execute_sql(sql)

@@ -20,10 +20,11 @@ from typing import Any
 import httpx
 import orjson
 import pendulum
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from ona_usage import __version__
 from ona_usage.concurrency import AdaptiveLimit
+from ona_usage.hedge import Hedger
 from ona_usage.settings import (
     CONNECT_TIMEOUT,
     DEFAULT_BACKOFF,
@@ -44,6 +45,14 @@ LIST_USAGE_PATH = "/gitpod.v1.UsageService/ListEnvironmentUsageRecords"
 # A server that asks us to wait longer than this is treated as down, not as busy.
 MAX_RETRY_AFTER = 300.0
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# Redirects followed with the key: 307/308 (the method and body stay) to the same origin or to an
+# HTTPS host of Ona, at most this many in a row. Anything else is refused before the key goes out.
+FOLLOWED_REDIRECTS = frozenset({307, 308})
+MAX_REDIRECTS = 3
+ONA_DOMAINS = ("ona.com", "gitpod.io")
+# A host that does not resolve or refuses connections is retried for about this long, not for
+# every attempt: it is down or misspelt, and the person on call wants to know in seconds.
+CONNECT_BUDGET = 4.0
 # The longest wait between two attempts, whatever the attempt number: a dead API must fail the
 # run in minutes, not hold it for days.
 MAX_BACKOFF = 30.0
@@ -64,6 +73,10 @@ class TransientApiError(OnaApiError):
     def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any):
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
+
+
+class ConnectFailure(TransientApiError):
+    """No connection at all (the name does not resolve, the port refuses): retried briefly."""
 
 
 def make_client(settings: Settings) -> UsageClient:
@@ -121,6 +134,8 @@ class UsageClient:
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)).as_dict()
         self._shared_transport = transport
         self.limit = AdaptiveLimit(concurrency)
+        self._hedger = Hedger(concurrency, timeout)
+        self._redirect_noted = False
         self._local = threading.local()
         self._transports: list[httpx.BaseTransport] = []
         self._pause_until = 0.0  # monotonic time before which no thread sends (after a 429)
@@ -134,7 +149,13 @@ class UsageClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def hedged(self) -> int:
+        """Requests that straggled and were sent again (see `hedge.py`)."""
+        return self._hedger.hedged
+
     def close(self) -> None:
+        self._hedger.close()
         with self._lock:
             transports, self._transports = self._transports, []
         for transport in transports:
@@ -209,7 +230,7 @@ class UsageClient:
 
     def _call(self, url: str, params: dict[str, str], content: bytes, what: str) -> tuple[dict[str, Any], bytes]:
         retrying = Retrying(
-            stop=stop_after_attempt(self.max_attempts),
+            stop=self._stop,
             wait=self._wait,
             retry=retry_if_exception_type(TransientApiError),
             before_sleep=lambda state: self._log_retry(state, what),
@@ -219,7 +240,7 @@ class UsageClient:
             return retrying(self._post_once, url, params, content)
         except TransientApiError as exc:
             raise TransientApiError(
-                f"{exc} (gave up after {self.max_attempts} attempts for {what})",
+                f"{exc} (gave up after {retrying.statistics.get('attempt_number', self.max_attempts)} attempts for {what})",
                 code=exc.code,
                 status=exc.status,
             ) from None
@@ -230,13 +251,9 @@ class UsageClient:
             time.sleep(pause)
         with self._lock:
             self.requests += 1
-        request = httpx.Request(
-            "POST", url, params=params, headers=self._headers, content=content, extensions={"timeout": self._timeout}
-        )
         try:
             with self.limit.measure():
-                response = self._transport().handle_request(request)
-                response.read()
+                response = self._exchange(url, params, content)
         except httpx.TimeoutException as exc:
             raise TransientApiError(f"the API did not answer in time ({type(exc).__name__})") from None
         except CertificateError as exc:
@@ -244,15 +261,10 @@ class UsageClient:
                 f"the TLS certificate of {self._host} could not be verified ({exc}); if a proxy re-signs "
                 "traffic, point SSL_CERT_FILE at its CA bundle"
             ) from None
+        except httpx.ConnectError as exc:
+            raise ConnectFailure(f"could not connect to {self._host}: {exc}") from None
         except httpx.TransportError as exc:
             raise TransientApiError(f"connection to {self._host} failed: {type(exc).__name__}: {exc}") from None
-        if response.is_redirect:
-            target = _redirect_host(request.url, response)
-            raise OnaApiError(
-                f"the API redirected (HTTP {response.status_code}) to {target or 'an unnamed location'}; "
-                "not following it with the API key (if that host is right, set --base-url to it)",
-                status=response.status_code,
-            )
         if response.status_code != 200:
             error = _error_from(response, self._secret)
             if response.status_code == 429 and isinstance(error, TransientApiError):
@@ -272,6 +284,58 @@ class UsageClient:
             raise TransientApiError("the API answered with JSON that is not an object")
         return page, response.content
 
+    def _exchange(self, url: str, params: dict[str, str], content: bytes) -> httpx.Response:
+        """One answer that is not a redirect: 307/308 to the same origin or an Ona host are followed."""
+        target = httpx.URL(url, params=params)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._send(target, content)
+            if not response.is_redirect:
+                return response
+            location = _redirect_target(target, response)
+            if response.status_code not in FOLLOWED_REDIRECTS or location is None or not _may_follow(target, location):
+                raise OnaApiError(
+                    f"the API redirected (HTTP {response.status_code}) to "
+                    f"{location.host if location else 'an unnamed location'}; not following it with the API key "
+                    "(only 307/308 to https://*.ona.com or *.gitpod.io are followed; if that host is right, set --base-url to it)",
+                    status=response.status_code,
+                )
+            if not self._redirect_noted:
+                self._redirect_noted = True
+                logger.warning("the API redirected (HTTP %d) to %s; following it", response.status_code, location.copy_with(query=None))
+            target = location if location.query else location.copy_with(params=params)
+        raise OnaApiError(f"the API redirected more than {MAX_REDIRECTS} times in a row; set --base-url to where it ends")
+
+    def _send(self, url: httpx.URL, content: bytes) -> httpx.Response:
+        """Send on this thread's connection; a straggler is hedged on a fresh one (see `hedge.py`)."""
+
+        def send(transport: httpx.BaseTransport) -> httpx.Response:
+            request = httpx.Request("POST", url, headers=self._headers, content=content, extensions={"timeout": self._timeout})
+            response = transport.handle_request(request)
+            response.read()
+            return response
+
+        started = time.perf_counter()
+        response, transport = self._hedger.run(send, self._transport(), self._spare_transport, self._log_hedge)
+        self._local.transport = transport  # the winner's connection serves this thread from now on
+        self._hedger.observe(time.perf_counter() - started)
+        return response
+
+    def _spare_transport(self) -> httpx.BaseTransport:
+        transport = self._shared_transport or _new_transport(self._url)
+        with self._lock:
+            self._transports.append(transport)
+        return transport
+
+    def _log_hedge(self, delay: float) -> None:
+        logger.info("a request had no answer after %.1fs; sent it again (hedged request %d)", delay, self._hedger.hedged)
+
+    def _stop(self, state: RetryCallState) -> bool:
+        """Give up after `max_attempts`, or sooner when the host cannot be reached at all."""
+        if state.attempt_number >= self.max_attempts:
+            return True
+        failure = state.outcome.exception() if state.outcome else None
+        return isinstance(failure, ConnectFailure) and state.seconds_since_start >= CONNECT_BUDGET
+
     def _wait(self, state: RetryCallState) -> float:
         """Jittered exponential backoff, but never less than the server's `Retry-After`."""
         exc = state.outcome.exception() if state.outcome else None
@@ -287,7 +351,10 @@ class UsageClient:
             self.retries += 1
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0
-        logger.warning(
+        # An unreachable host fails within seconds with one line; its few retries are not news.
+        level = logging.DEBUG if isinstance(exc, ConnectFailure) else logging.WARNING
+        logger.log(
+            level,
             "retrying %s after: %s (attempt %d of %d, waiting %.1fs)",
             what,
             exc,
@@ -303,11 +370,20 @@ def _new_transport(url: httpx.URL) -> httpx.BaseTransport:
     return httpx.HTTPTransport(proxy=proxy, trust_env=True) if proxy else StdlibTransport()
 
 
-def _redirect_host(url: httpx.URL, response: httpx.Response) -> str:
+def _redirect_target(url: httpx.URL, response: httpx.Response) -> httpx.URL | None:
     try:
-        return url.join(response.headers.get("location", "")).host
+        location = response.headers.get("location")
+        return url.join(location) if location else None
     except httpx.InvalidURL:
-        return ""
+        return None
+
+
+def _may_follow(source: httpx.URL, target: httpx.URL) -> bool:
+    """The same origin, or HTTPS to Ona's own domains: the only places the key may follow a redirect."""
+    if (target.scheme, target.host, target.port) == (source.scheme, source.host, source.port):
+        return True
+    host = target.host.lower()
+    return target.scheme == "https" and any(host == d or host.endswith("." + d) for d in ONA_DOMAINS)
 
 
 def _error_from(response: httpx.Response, secret: str) -> OnaApiError:

@@ -8,11 +8,10 @@ chunk in flight. The names ride with the last chunk; the models are refreshed af
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,16 +22,17 @@ from pathlib import Path
 
 import dlt
 import pendulum
+from dlt.common.configuration.exceptions import ConfigFieldMissingException
 from dlt.common.destination.reference import Destination
 from dlt.common.pipeline import LoadInfo, get_dlt_pipelines_dir
 from dlt.pipeline.trace import PipelineTrace, save_trace
 
 from ona_usage.client import UsageClient, make_client
-from ona_usage.models import MODELS, refresh_models
+from ona_usage.models import MODELS, has_sql, refresh_models
 from ona_usage.names import name_resources
 from ona_usage.settings import ConfigError, Settings
 from ona_usage.source import ExtractStats, Feed, WindowFetcher, plan_windows, source_of, usage_records
-from ona_usage.state import RESOURCE_NAME, SyncState
+from ona_usage.state import RESOURCE_NAME, SyncState, backfill_key
 from ona_usage.windows import Window
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,15 @@ class PipelineBusyError(RuntimeError):
 class SyncResult:
     """What one command did, over all its chunks."""
 
-    rows_loaded: int = 0
+    rows_loaded: int = 0  # rows written, new or read again
+    rows_new: int | None = None  # of those, rows the table did not hold before (None: not known)
     windows: int = 0
     pages: int = 0
     requests: int = 0
     retries: int = 0
+    hedged: int = 0
     chunks: int = 0
+    already_done: bool = False  # a finished backfill, not fetched again
     cursor: datetime | None = None
     seconds: float = 0.0
     load_infos: list[LoadInfo] = field(default_factory=list)
@@ -65,12 +68,13 @@ def run_sync(config: Settings, stats: ExtractStats | None = None) -> SyncResult:
     return _run(config, stats or ExtractStats(), backfill=None)
 
 
-def run_backfill(config: Settings, backfill: Range, stats: ExtractStats | None = None) -> SyncResult:
+def run_backfill(config: Settings, backfill: Range, stats: ExtractStats | None = None, *, force: bool = False) -> SyncResult:
     """Load `[start, end)` merged on `id`, resuming after its last committed chunk.
 
-    The scheduled cursor does not move: dlt's `end_value` runs keep no cursor state.
+    The scheduled cursor does not move: dlt's `end_value` runs keep no cursor state. A finished
+    backfill is not fetched again unless `force`.
     """
-    return _run(config, stats or ExtractStats(), backfill=backfill)
+    return _run(config, stats or ExtractStats(), backfill=backfill, force=force)
 
 
 def run_repair(config: Settings, windows: list[Window], stats: ExtractStats | None = None) -> SyncResult:
@@ -80,7 +84,11 @@ def run_repair(config: Settings, windows: list[Window], stats: ExtractStats | No
 
 
 def _run(
-    config: Settings, stats: ExtractStats, backfill: Range | None, windows: list[Window] | None = None
+    config: Settings,
+    stats: ExtractStats,
+    backfill: Range | None,
+    windows: list[Window] | None = None,
+    force: bool = False,
 ) -> SyncResult:
     destination = make_destination(config)  # an unknown one fails before any request
     result = SyncResult()
@@ -93,14 +101,22 @@ def _run(
             pipeline = make_pipeline(config, opened)
             follow_destination(pipeline, config)
             now = pendulum.now("UTC")
-            windows = windows or plan_windows(config, read_state(pipeline), now, backfill)
+            state = read_state(pipeline)
+            if windows is None:
+                windows = plan_windows(config, state, now, backfill, force=force)
+                progress = state.backfills.get(backfill_key(*backfill, config.project_id), {}) if backfill else {}
+                result.already_done = bool(progress.get("done")) and not force
+            rows_before = _table_rows(pipeline)
             traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result)
             if result.chunks and refresh_models(pipeline):
                 traces.append(pipeline.last_trace)
             _save_trace(pipeline, traces)
+            _prune_loaded_packages(pipeline, result)
             result.cursor = read_state(pipeline).cursor
+            if result.chunks and rows_before is not None and (rows_after := _table_rows(pipeline)) is not None:
+                result.rows_new = rows_after - rows_before
     result.windows, result.pages = stats.windows_done, stats.pages
-    result.requests, result.retries = client.requests, client.retries
+    result.requests, result.retries, result.hedged = client.requests, client.retries, client.hedged
     result.seconds = time.monotonic() - started
     return result
 
@@ -115,27 +131,57 @@ def _load_chunks(
     stats: ExtractStats,
     result: SyncResult,
 ) -> list[PipelineTrace]:
-    """One dlt load per chunk of windows, fetched ahead by one fetcher; the names ride the last."""
+    """One dlt load per chunk of windows, fetched ahead by one fetcher; the names ride the first.
+
+    A chunk ends at `--chunk` worth of windows or after `chunk_seconds` of fetching, whichever
+    comes first: each load commits its rows and its progress, so a kill loses at most that.
+    """
     stats.windows_total = len(windows)
     size = config.windows_per_chunk
-    chunks = [windows[i : i + size] for i in range(0, len(windows), size)]
     traces = []
     with WindowFetcher(client, windows, config.project_id, config.workers, lookahead=size) as fetcher:
-        for number, chunk in enumerate(chunks, start=1):
-            last = number == len(chunks)
-            usage = usage_records(config, backfill, Feed(chunk, fetcher, fetched_at=now, last=last, stats=stats))
+        feed = Feed(windows, fetcher, fetched_at=now, stats=stats, max_windows=size, max_seconds=config.chunk_seconds)
+        while not feed.last:
+            usage = usage_records(config, backfill, feed)
             if config.destination == "filesystem":
                 # Plain Parquet files cannot be merged into; Delta tables can, on `id` like elsewhere.
                 usage.apply_hints(table_format="delta")
-            # After the usage in the same load: a list the key may not read is left out, never the usage.
-            names = name_resources(config, client) if last and config.names else []
+            # With the usage: a list the key may not read is left out (one warning), never the usage.
+            names = name_resources(config, client) if config.names and not result.chunks else []
             result.load_infos.append(pipeline.run(source_of([usage, *names])))
             result.chunks += 1
             result.rows_loaded += _rows_normalized(pipeline, RESOURCE_NAME)
             traces.append(pipeline.last_trace)
-            if not last:
-                logger.info("committed chunk %d of %d (%d of %d windows)", number, len(chunks), stats.windows_done, stats.windows_total)
+            stats.chunk_committed(feed.taken[-1].end if feed.taken else None)
+            if not feed.last:
+                logger.info("committed chunk %d (%d of %d windows)", result.chunks, stats.windows_done, stats.windows_total)
     return traces
+
+
+def _table_rows(pipeline: dlt.Pipeline) -> int | None:
+    """Rows in the usage table now; None where that is not known (no table yet is 0)."""
+    if not has_sql(pipeline):
+        return None
+    if not pipeline.default_schema_name or RESOURCE_NAME not in pipeline.default_schema.data_table_names(seen_data_only=True):
+        return 0
+    with pipeline.sql_client() as client:
+        return int(client.execute_sql(f"SELECT count(*) FROM {client.make_qualified_table_name(RESOURCE_NAME)}")[0][0])
+
+
+def _prune_loaded_packages(pipeline: dlt.Pipeline, result: SyncResult) -> None:
+    """Keep only this command's completed load packages, and without their data files.
+
+    dlt keeps every completed package, Parquet copies of the rows included: an hourly schedule
+    would pile up thousands of folders of usage data outside the warehouse. The latest stay
+    for `dlt pipeline <name> info` and `trace`; pending and failed packages are never touched.
+    """
+    keep = {load_id for info in result.load_infos for load_id in info.loads_ids}
+    if pipeline.last_trace and pipeline.last_trace.last_load_info:
+        keep |= set(pipeline.last_trace.last_load_info.loads_ids)
+    storage = pipeline._get_load_storage()  # dlt has no public call to delete loaded packages
+    for load_id in storage.list_loaded_packages():
+        if load_id not in keep:
+            storage.delete_loaded_package(load_id)
 
 
 def _rows_normalized(pipeline: dlt.Pipeline, table: str) -> int:
@@ -171,12 +217,23 @@ def make_destination(config: Settings) -> Destination:
             )
         return dlt.destinations.duckdb(credentials=config.duckdb_file)
     try:
-        return Destination.from_reference(config.destination)
+        destination = Destination.from_reference(config.destination)
     except Exception as exc:  # dlt raises several types for names it cannot resolve
         raise ConfigError(
             f"unknown destination {config.destination!r} ({type(exc).__name__}); "
             "use a dlt destination name such as duckdb, postgres, bigquery, snowflake, motherduck or filesystem"
         ) from None
+    try:  # resolved now, so missing credentials fail before any request, in one line
+        destination.configuration(destination.spec())
+    except ConfigFieldMissingException as exc:
+        fields = ["credentials"] if "Credentials" in exc.spec_name else exc.fields
+        name = destination.destination_name
+        raise ConfigError(
+            f"the {name} destination is missing {' and '.join(fields)}: set "
+            + " and ".join(f"DESTINATION__{name.upper()}__{field.upper()}" for field in fields)
+            + f", or {' and '.join(fields)} under [destination.{name}] in .dlt/secrets.toml"
+        ) from None
+    return destination
 
 
 @contextmanager
@@ -239,27 +296,57 @@ def follow_destination(pipeline: dlt.Pipeline, config: Settings) -> None:
     marker.write_text(target(config))
 
 
-def attach(config: Settings) -> dlt.Pipeline:
-    """A pipeline for reading: the destination's state, whatever the local folder holds.
+class WarehouseBusy(RuntimeError):
+    """A sync is writing the DuckDB file, and DuckDB lets no other process open it meanwhile."""
 
-    Readers do not take the lock, so they never drop a local folder a running sync may own:
-    where the local state is of another target, they read through a throwaway folder instead.
+
+@contextmanager
+def reading(config: Settings) -> Iterator[dlt.Pipeline]:
+    """A pipeline for reading the warehouse and the state stored in it, whatever the local folder holds.
+
+    DuckDB is opened read-only, so readers work beside any other reader (a notebook, a BI tool).
+    The state is restored into a throwaway folder: readers take no lock, and never touch the
+    local folder a running sync may be writing.
     """
-    pipeline = make_pipeline(config)
-    marker = Path(pipeline.working_dir) / TARGET_FILE
-    local_is_ours = marker.exists() and marker.read_text() == target(config)
-    if not local_is_ours and (pipeline.default_schema_name or pipeline.has_pending_data):
-        folder = tempfile.mkdtemp(prefix="ona-usage-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="ona-usage-") as folder, _read_only(config) as destination:
         pipeline = dlt.pipeline(
             pipeline_name=config.pipeline_name,
             pipelines_dir=folder,
-            destination=make_destination(config),
+            destination=destination,
             dataset_name=config.dataset_name,
         )
-    if warehouse_exists(config):
-        pipeline.sync_destination()
-    return pipeline
+        if warehouse_exists(config):
+            pipeline.sync_destination()
+        yield pipeline
+
+
+def local_pipeline(config: Settings) -> dlt.Pipeline | None:
+    """This machine's pipeline folder, where it is of this target: its last trace and pending loads."""
+    pipeline = make_pipeline(config)
+    marker = Path(pipeline.working_dir) / TARGET_FILE
+    return pipeline if marker.exists() and marker.read_text() == target(config) else None
+
+
+@contextmanager
+def _read_only(config: Settings) -> Iterator[Destination]:
+    if config.destination != "duckdb" or not Path(config.duckdb_file).exists():
+        yield make_destination(config)
+        return
+    import duckdb
+
+    try:
+        connection = duckdb.connect(config.duckdb_file, read_only=True)
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        raise WarehouseBusy(
+            f"{config.duckdb_file} is being written by another process (a sync, most likely); "
+            "DuckDB lets nobody else open it until that finishes: try again then"
+        ) from None
+    try:
+        yield dlt.destinations.duckdb(credentials=connection)
+    finally:
+        connection.close()
 
 
 def reset(config: Settings) -> bool:

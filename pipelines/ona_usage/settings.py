@@ -33,12 +33,13 @@ logger = logging.getLogger(__name__)
 
 SECTIONS = ("sources", "ona_usage")
 MAX_PAGE_SIZE = 100  # the API's own limit
-DEFAULT_BASE_URL = "https://app.gitpod.io/api"
+DEFAULT_BASE_URL = "https://app.ona.com/api"  # where the newest official SDKs point
 DEFAULT_WINDOW = "1d"
 DEFAULT_LOOKBACK = "2h"
 DEFAULT_PAGE_SIZE = MAX_PAGE_SIZE
 DEFAULT_WORKERS = 16
 DEFAULT_CHUNK = "60d"
+DEFAULT_CHUNK_SECONDS = 30.0  # a load also commits after this much fetching: what a kill may lose
 DEFAULT_MAX_ATTEMPTS = 6
 DEFAULT_BACKOFF = 0.5
 DEFAULT_TIMEOUT = 60.0
@@ -77,6 +78,7 @@ class SyncConfig(BaseConfiguration):
     page_size: int = DEFAULT_PAGE_SIZE
     workers: int = DEFAULT_WORKERS
     chunk: str = DEFAULT_CHUNK
+    chunk_seconds: float = DEFAULT_CHUNK_SECONDS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     backoff: float = DEFAULT_BACKOFF
     timeout: float = DEFAULT_TIMEOUT
@@ -102,6 +104,7 @@ class Settings:
     page_size: int
     workers: int
     chunk: pendulum.Duration
+    chunk_seconds: float
     max_attempts: int
     backoff: float
     timeout: float
@@ -167,13 +170,14 @@ def parse(raw: SyncConfig) -> Settings:
     return Settings(
         api_key=api_key,
         base_url=base_url,
-        start_date=parse_date(raw.start_date, "start date") if raw.start_date else None,
+        start_date=_past(parse_date(raw.start_date, "start date"), "start date") if raw.start_date else None,
         project_id=raw.project_id or None,
         window=_check(lambda: parse_window_size(raw.window)),
         lookback=lookback,
         page_size=page_size,
         workers=_number(raw.workers, "workers", int, 1, 32),
         chunk=chunk,
+        chunk_seconds=_number(raw.chunk_seconds, "chunk_seconds", float, 0.1, 86_400),
         max_attempts=_number(raw.max_attempts, "max_attempts", int, 1, 20),
         backoff=_number(raw.backoff, "backoff", float, 0, 60),
         timeout=timeout,
@@ -216,7 +220,16 @@ def duckdb_file(explicit: str | None, pipeline_name: str) -> str:
         return path
     if path.startswith("duckdb:///"):
         path = path[len("duckdb:///") :]
-    return str(Path(path).expanduser().absolute())
+    absolute = Path(path).expanduser().absolute()
+    if not absolute.parent.is_dir():
+        raise ConfigError(f"the folder {absolute.parent} for the DuckDB file does not exist; create it, or point --duckdb-file elsewhere")
+    return str(absolute)
+
+
+def _past(value: pendulum.DateTime, what: str) -> pendulum.DateTime:
+    if value > pendulum.now("UTC"):
+        raise ConfigError(f"{what} {value.to_iso8601_string()} is in the future; there is no usage to load from there yet")
+    return value
 
 
 def api_key_from_env() -> Optional[str]:

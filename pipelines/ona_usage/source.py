@@ -20,10 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Optional
 
@@ -124,6 +124,12 @@ class ExtractStats:
         self.pages = 0
         self.records = 0
         self.retries: Callable[[], int] = lambda: 0  # the client's retry count, once there is a client
+        self.chunks_committed = 0
+        self.committed_through: pendulum.DateTime | None = None  # the end of the last committed window
+
+    def chunk_committed(self, through: pendulum.DateTime | None) -> None:
+        self.chunks_committed += 1
+        self.committed_through = through or self.committed_through
 
     def window_done(self, window: Window, pages: int, records: int) -> None:
         self.windows_done += 1
@@ -133,15 +139,48 @@ class ExtractStats:
             self.on_window(self, window, records)
 
 
-@dataclass
 class Feed:
-    """The windows one load fetches, taken in order from a fetcher that may serve several loads."""
+    """The windows of a command's plan, handed out a load (chunk) at a time by one fetcher.
 
-    windows: list[Window]
-    fetcher: WindowFetcher
-    fetched_at: pendulum.DateTime  # the "now" the windows were planned at
-    last: bool = True  # the last load of its command: a backfill is done after it
-    stats: ExtractStats = field(default_factory=ExtractStats)
+    A load takes windows until it has `max_windows` of them, or has spent `max_seconds`
+    fetching, whichever comes first, so a kill loses at most about that much work. The next
+    load of the command goes on from there; `last` tells whether the plan is used up.
+    """
+
+    def __init__(
+        self,
+        windows: list[Window],
+        fetcher: WindowFetcher,
+        *,
+        fetched_at: pendulum.DateTime,
+        stats: ExtractStats | None = None,
+        max_windows: int | None = None,
+        max_seconds: float | None = None,
+    ) -> None:
+        self.fetcher = fetcher
+        self.fetched_at = fetched_at  # the "now" the windows were planned at
+        self.stats = stats or ExtractStats()
+        self.max_windows = max_windows or len(windows) or 1
+        self.max_seconds = max_seconds
+        self.taken: list[Window] = []  # by the current load
+        self._todo = deque(windows)
+
+    @property
+    def last(self) -> bool:
+        return not self._todo
+
+    def next_load(self) -> Iterator[tuple[Window, int, pa.Table]]:
+        """The windows of one load, each with its page count and table, as they are fetched."""
+        self.taken = []
+        started = time.monotonic()
+        while self._todo and len(self.taken) < self.max_windows:
+            if self.taken and self.max_seconds is not None and time.monotonic() - started >= self.max_seconds:
+                return
+            window, pages, table = self.fetcher.next()
+            self._todo.popleft()
+            self.taken.append(window)
+            self.stats.window_done(window, pages, table.num_rows)
+            yield window, pages, table
 
 
 def usage_records(
@@ -175,10 +214,11 @@ def usage_records(
         with contextlib.ExitStack() as stack:
             own = feed or stack.enter_context(_own_feed(config, SyncState.from_resource_state(state), backfill))
             yield from _batches(own)
-        # Reached only when every window was fetched; committed with the rows, or not at all.
-        if not own.windows:
+        # Reached only when every window of the load was fetched; committed with the rows, or not at all.
+        state["last_run"] = {"started_at": own.fetched_at, "backfill": progress_key is not None}
+        if not own.taken:
             return
-        through = own.windows[-1].end
+        through = own.taken[-1].end
         if progress_key:
             state.setdefault("backfills", {})[progress_key] = {
                 "through": through,
@@ -192,13 +232,11 @@ def usage_records(
 
 
 def _batches(feed: Feed) -> Iterator[pa.Table]:
-    """The feed's windows as Arrow tables of about `BATCH_ROWS` rows, each `id` once per load."""
+    """One load's windows as Arrow tables of about `BATCH_ROWS` rows, each `id` once per load."""
     batch: list[pa.Table] = []
     rows = 0
     seen: set[str] = set()
-    for _ in feed.windows:
-        window, pages, table = feed.fetcher.next()
-        feed.stats.window_done(window, pages, table.num_rows)
+    for _, _, table in feed.next_load():
         table = first_of_each_id(table, seen)
         if table.num_rows:
             batch.append(table)
@@ -226,6 +264,8 @@ def plan_windows(
     state: SyncState,
     now: pendulum.DateTime,
     backfill: tuple[pendulum.DateTime, pendulum.DateTime] | None = None,
+    *,
+    force: bool = False,
 ) -> list[Window]:
     """`windows.plan` with this configuration: the source, the runner and `status` all call this."""
     return plan(
@@ -236,6 +276,7 @@ def plan_windows(
         now=now,
         backfill=backfill,
         project_id=config.project_id,
+        force=force,
     )
 
 

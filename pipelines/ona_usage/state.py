@@ -26,6 +26,7 @@ class SyncState:
     fetched_at: datetime | None = None
     initial_value: datetime | None = None
     backfills: dict[str, Any] = field(default_factory=dict)
+    last_run: dict[str, Any] = field(default_factory=dict)  # when the newest committed run started
 
     @classmethod
     def from_resource_state(cls, resource: dict[str, Any]) -> SyncState:
@@ -36,6 +37,7 @@ class SyncState:
             fetched_at=resource.get("fetched_at"),
             initial_value=incremental.get("initial_value"),
             backfills=dict(resource.get("backfills", {})),
+            last_run=dict(resource.get("last_run", {})),
         )
 
     @classmethod

@@ -13,13 +13,13 @@ import dlt
 import pendulum
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
-from ona_usage.pipeline import attach, read_state, warehouse_exists
+from ona_usage.pipeline import WarehouseBusy, local_pipeline, read_state, reading, warehouse_exists
 from ona_usage.settings import Settings
 from ona_usage.source import plan_windows
 from ona_usage.state import RESOURCE_NAME, parse_backfill_key
 from ona_usage.windows import format_rfc3339
 
-STATUS_VERSION = 1
+STATUS_VERSION = 2
 
 
 class StatusError(RuntimeError):
@@ -27,14 +27,26 @@ class StatusError(RuntimeError):
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
+    """Where things stand, from the warehouse; while a sync writes DuckDB, from this machine's state."""
     if not warehouse_exists(settings):
         raise StatusError(f"no DuckDB file at {settings.duckdb_file}; run `ona-usage sync` first, or point --duckdb-file at one")
-    pipeline = attach(settings)  # the state stored with the data, whatever the local folder holds
+    local = local_pipeline(settings)
+    try:
+        with reading(settings) as pipeline:
+            return _status(settings, pipeline, local, busy=False)
+    except WarehouseBusy:
+        if local is None:
+            raise
+        return _status(settings, local, local, busy=True)
+
+
+def _status(settings: Settings, pipeline: dlt.Pipeline, local: dlt.Pipeline | None, *, busy: bool) -> dict[str, Any]:
     state = read_state(pipeline)
     windows = plan_windows(settings, state, pendulum.now("UTC"))
-    trace = pipeline.last_trace
+    trace = local.last_trace if local else None
     return {
         "version": STATUS_VERSION,
+        "warehouse": "busy" if busy else "ok",
         "pipeline": settings.pipeline_name,
         "destination": settings.destination,
         "dataset": settings.dataset_name,
@@ -47,8 +59,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             "start": _time(windows[0].start) if windows else None,
             "end": _time(windows[-1].end) if windows else None,
         },
-        "last_load": _last_load(pipeline, trace, state.fetched_at),
-        "table_stats": _table_stats(pipeline),
+        "last_load": None if busy else _last_load(pipeline, trace, state.last_run),
+        "table_stats": None if busy else _table_stats(pipeline),
         "backfills": [
             {
                 **dict(zip(("start", "end", "project_id"), parse_backfill_key(key))),
@@ -58,16 +70,17 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             for key, progress in sorted(state.backfills.items())
         ],
         "pending_load_packages": sorted(
-            [*pipeline.list_extracted_load_packages(), *pipeline.list_normalized_load_packages()]
+            [*local.list_extracted_load_packages(), *local.list_normalized_load_packages()] if local else []
         ),
     }
 
 
-def _last_load(pipeline: dlt.Pipeline, trace: Any, fetched_at: Any) -> dict[str, Any] | None:
+def _last_load(pipeline: dlt.Pipeline, trace: Any, last_run: dict[str, Any]) -> dict[str, Any] | None:
     """The newest completed load that wrote usage rows, and how long its command took.
 
-    The duration comes from the local trace when this machine ran it, else from the state: a
-    sync records when it planned its range (`fetched_at`), and the load says when it ended.
+    The duration comes from the local trace when this machine ran it, else from the state:
+    every run, sync or backfill, records when it started (`last_run`), and the load says when
+    it ended.
     """
     row = _query(
         pipeline,
@@ -80,15 +93,15 @@ def _last_load(pipeline: dlt.Pipeline, trace: Any, fetched_at: Any) -> dict[str,
     seconds = None
     if trace is not None and trace.finished_at and load_id in {str(i) for i in _trace_load_ids(trace)}:
         seconds = round((trace.finished_at - trace.started_at).total_seconds(), 3)
-    elif isinstance(fetched_at, datetime) and isinstance(inserted_at, datetime):
-        elapsed = (inserted_at - fetched_at).total_seconds()
+    elif isinstance(started := last_run.get("started_at"), datetime) and isinstance(inserted_at, datetime):
+        elapsed = (inserted_at - started).total_seconds()
         seconds = round(elapsed, 3) if 0 <= elapsed < 86_400 else None
     return {"load_id": load_id, "finished_at": _time(inserted_at), "rows": rows, "seconds": seconds}
 
 
 def _trace_load_ids(trace: Any) -> list[str]:
-    info = trace.last_load_info
-    return list(info.loads_ids) if info else []
+    """Every load of the traced command (its trace holds each chunk's steps)."""
+    return [i for step in trace.steps if step.step == "load" and step.step_info for i in step.step_info.loads_ids]
 
 
 def _table_stats(pipeline: dlt.Pipeline) -> dict[str, Any]:

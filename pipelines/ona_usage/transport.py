@@ -110,6 +110,16 @@ class StdlibTransport(httpx.BaseTransport):
             self._connection.close()
         self._connection = self._origin = None
 
+    def abort(self) -> None:
+        """Wake a thread waiting on this connection (another thread's call): shut the socket down."""
+        connection = self._connection
+        sock = connection.sock if connection is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
 
 def _dropped(connection: http.client.HTTPConnection) -> bool:
     """Whether the server closed a kept-alive connection while it was idle.

@@ -15,7 +15,7 @@ import pendulum
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
 from ona_usage.client import UsageClient, make_client
-from ona_usage.pipeline import attach
+from ona_usage.pipeline import reading
 from ona_usage.records import FIELDS, from_pages
 from ona_usage.settings import Settings
 from ona_usage.state import RESOURCE_NAME, SyncState
@@ -56,8 +56,8 @@ class DayReport:
 def verify(config: Settings, start: pendulum.DateTime, end: pendulum.DateTime) -> list[DayReport]:
     """Compare `[start, end)` one UTC day at a time, reading the warehouse the config names."""
     days = plan(SyncState(), size=DAY, lookback=config.lookback, first_start=start, now=end, backfill=(start, end))
-    with make_client(config) as client:
-        return reconcile(client, attach(config), days, config.project_id)
+    with make_client(config) as client, reading(config) as pipeline:
+        return reconcile(client, pipeline, days, config.project_id)
 
 
 def reconcile(

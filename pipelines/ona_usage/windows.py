@@ -62,10 +62,11 @@ def format_duration(value: timedelta) -> str:
 
 
 def parse_window_size(text: str) -> pendulum.Duration:
-    """A window size is positive and at most one day (the API is asked day by day at most)."""
+    """A window divides a day evenly, so windows tile whole days and never cross midnight."""
     size = parse_duration(text, name="window")
-    if size.total_seconds() <= 0 or size > MAX_WINDOW:
-        raise ValueError(f"window {text!r} must be more than 0 and at most 1d (e.g. 1d, 6h)")
+    seconds = int(size.total_seconds())
+    if seconds <= 0 or size > MAX_WINDOW or seconds != size.total_seconds() or 86_400 % seconds:
+        raise ValueError(f"window {text!r} must divide a day evenly: 1h, 2h, 3h, 4h, 6h, 8h, 12h or 1d")
     return size
 
 
@@ -115,16 +116,20 @@ def plan(
     now: datetime,
     backfill: tuple[datetime, datetime] | None = None,
     project_id: str | None = None,
+    force: bool = False,
 ) -> list[Window]:
     """The windows a run fetches: the one rule behind the source, `status`, `--dry-run` and verify.
 
     A scheduled run goes from `resume_point` to now. A backfill of `[start, end)` continues
-    after its last committed chunk; a finished one runs again whole.
+    after its last committed chunk; a finished one is not fetched again, unless `force`, and
+    then whole.
     """
     if backfill:
         start, end = backfill
         progress = state.backfills.get(backfill_key(start, end, project_id), {})
-        if not progress.get("done"):
+        if progress.get("done"):
+            return list(tile(start, end, size)) if force else []
+        if not force:
             start = to_utc(progress.get("through") or start)
         return list(tile(start, end, size))
     initial = to_utc(state.initial_value or first_start)
