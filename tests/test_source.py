@@ -62,6 +62,11 @@ def test_the_readme_snippet_runs_verbatim_in_an_empty_directory(tmp_path, store,
     assert not dlt.attach("ona_usage", pipelines_dir=str(tmp_path / "dlt-data" / "pipelines")).has_pending_data
 
 
+def same_values(rows: list[tuple]) -> list[tuple]:
+    """Sums of hours in another order differ in the last bits of a double; nothing else may."""
+    return [tuple(round(v, 9) if isinstance(v, float) else v for v in row) for row in rows]
+
+
 def sync_cli(workdir: Path, emulator, *args: str) -> None:
     env = {"ONA_API_KEY": API_KEY}
     os.environ.update(env)
@@ -91,7 +96,7 @@ def test_a_dlt_pipeline_loads_what_the_cli_loads_table_for_table(tmp_path, monke
     for table in TABLES:
         query = f"SELECT COLUMNS(c -> c NOT LIKE '_dlt_%') FROM ona.{table} ORDER BY ALL"
         with duckdb.connect(str(cli_dir / DB), read_only=True) as a, duckdb.connect(str(dlt_dir / DB), read_only=True) as b:
-            assert a.execute(query).fetchall() == b.execute(query).fetchall(), table
+            assert same_values(a.execute(query).fetchall()) == same_values(b.execute(query).fetchall()), table
     # the same cursor, from the same first start
     cli_pipeline = dlt.attach("ona_usage", pipelines_dir=str(cli_dir / "dlt-data" / "pipelines"))
     cursors = [read_state(p) for p in (cli_pipeline, pipeline)]

@@ -38,6 +38,7 @@ from ona_usage.windows import Window
 logger = logging.getLogger(__name__)
 
 Range = tuple[pendulum.DateTime, pendulum.DateTime]
+PIPELINE_FIELDS = frozenset({"dataset_name", "local_dir", "pipeline_name", "default_schema_name", "destination_name", "environment"})
 TARGET_FILE = "ona_usage_target"  # in the pipeline's working folder: what its local state is of
 
 
@@ -226,7 +227,9 @@ def make_destination(config: Settings) -> Destination:
     try:  # resolved now, so missing credentials fail before any request, in one line
         destination.configuration(destination.spec())
     except ConfigFieldMissingException as exc:
-        fields = ["credentials"] if "Credentials" in exc.spec_name else exc.fields
+        fields = ["credentials"] if "Credentials" in exc.spec_name else [f for f in exc.fields if f not in PIPELINE_FIELDS]
+        if not fields:
+            return destination
         name = destination.destination_name
         raise ConfigError(
             f"the {name} destination is missing {' and '.join(fields)}: set "
