@@ -406,8 +406,10 @@ def _with_progress(args: argparse.Namespace, label: str, run: Any) -> Any:
         stats = ExtractStats(on_window=progress.on_window)
         try:
             return run(stats)
-        except KeyboardInterrupt:
-            raise Interrupted(stats.chunks_committed, stats.committed_through) from None
+        except BaseException as exc:  # dlt wraps a Ctrl-C inside its step in its own error
+            if isinstance(root_cause(exc), KeyboardInterrupt):
+                raise Interrupted(stats.chunks_committed, stats.committed_through) from None
+            raise
 
 
 def cmd_demo(args: argparse.Namespace, secrets: Secrets) -> int:

@@ -314,14 +314,14 @@ class UsageClient:
             response.read()
             return response
 
-        started = time.perf_counter()
         response, transport = self._hedger.run(send, self._transport(), self._spare_transport, self._log_hedge)
         self._local.transport = transport  # the winner's connection serves this thread from now on
-        self._hedger.observe(time.perf_counter() - started)
         return response
 
     def _spare_transport(self) -> httpx.BaseTransport:
-        transport = self._shared_transport or _new_transport(self._url)
+        if self._shared_transport is not None:  # given by the caller (tests): theirs to close
+            return self._shared_transport
+        transport = _new_transport(self._url)
         with self._lock:
             self._transports.append(transport)
         return transport

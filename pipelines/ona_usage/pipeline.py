@@ -179,9 +179,13 @@ def _prune_loaded_packages(pipeline: dlt.Pipeline, result: SyncResult) -> None:
     keep = {load_id for info in result.load_infos for load_id in info.loads_ids}
     if pipeline.last_trace and pipeline.last_trace.last_load_info:
         keep |= set(pipeline.last_trace.last_load_info.loads_ids)
+    if not (Path(pipeline.working_dir) / "load" / "loaded").is_dir():
+        return  # nothing was ever loaded from here
     storage = pipeline._get_load_storage()  # dlt has no public call to delete loaded packages
     for load_id in storage.list_loaded_packages():
-        if load_id not in keep:
+        if load_id in keep:
+            storage.loaded_packages.remove_completed_jobs(load_id)  # a package with failed jobs keeps them
+        else:
             storage.delete_loaded_package(load_id)
 
 
@@ -265,10 +269,10 @@ def warehouse_exists(config: Settings) -> bool:
     return config.destination != "duckdb" or config.duckdb_file.startswith(("md:", "motherduck:")) or Path(config.duckdb_file).exists()
 
 
-def target(config: Settings) -> str:
-    """What a pipeline's local state belongs to: the warehouse, the dataset and the API."""
+def target(config: Settings, *, api: bool = True) -> str:
+    """What a pipeline's local state belongs to: the warehouse and the dataset, and the API it read."""
     where = config.duckdb_file if config.destination == "duckdb" else config.destination
-    return f"{where}|{config.dataset_name}|{config.base_url}|{config.project_id or '*'}"
+    return f"{where}|{config.dataset_name}" + (f"|{config.base_url}" if api else "")
 
 
 def follow_destination(pipeline: dlt.Pipeline, config: Settings) -> None:
@@ -324,10 +328,11 @@ def reading(config: Settings) -> Iterator[dlt.Pipeline]:
 
 
 def local_pipeline(config: Settings) -> dlt.Pipeline | None:
-    """This machine's pipeline folder, where it is of this target: its last trace and pending loads."""
+    """This machine's pipeline folder, where it is of this warehouse: its last trace and pending loads."""
     pipeline = make_pipeline(config)
     marker = Path(pipeline.working_dir) / TARGET_FILE
-    return pipeline if marker.exists() and marker.read_text() == target(config) else None
+    ours = marker.exists() and marker.read_text().startswith(target(config, api=False) + "|")
+    return pipeline if ours else None
 
 
 @contextmanager

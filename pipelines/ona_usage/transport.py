@@ -36,6 +36,7 @@ class StdlibTransport(httpx.BaseTransport):
         self._ssl_context = ssl_context
         self._connection: http.client.HTTPConnection | None = None
         self._origin: tuple[str, str, int] | None = None
+        self._aborted = False
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
@@ -54,7 +55,7 @@ class StdlibTransport(httpx.BaseTransport):
                 content = response.read()  # raises IncompleteRead on a cut-off body
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
                 self.close()
-                if reused and attempt == 1:
+                if reused and attempt == 1 and not self._aborted:
                     continue  # the server closed an idle keep-alive connection: one fresh try
                 raise httpx.RemoteProtocolError(f"server closed the connection: {exc}", request=request) from None
             except TimeoutError:
@@ -78,6 +79,8 @@ class StdlibTransport(httpx.BaseTransport):
         raise AssertionError("unreachable")
 
     def _connect(self, url: httpx.URL, timeout: dict[str, Any]) -> tuple[http.client.HTTPConnection, bool]:
+        if self._aborted:
+            raise httpx.ConnectError("the connection was abandoned for a faster one")
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         if self._connection is not None and self._origin == origin:
             if not _dropped(self._connection):
@@ -111,7 +114,11 @@ class StdlibTransport(httpx.BaseTransport):
         self._connection = self._origin = None
 
     def abort(self) -> None:
-        """Wake a thread waiting on this connection (another thread's call): shut the socket down."""
+        """Wake a thread waiting on this connection (another thread's call): shut the socket down.
+
+        The transport is done for: it does not reconnect, since its request was answered elsewhere.
+        """
+        self._aborted = True
         connection = self._connection
         sock = connection.sock if connection is not None else None
         if sock is not None:

@@ -1,0 +1,377 @@
+"""A scheduled sync that never needs a human: stragglers, kills, disk, readers, errors, redirects.
+
+Against the emulator on 127.0.0.1 and real DuckDB files. The command line runs in-process where
+the process itself is not the point, and as a subprocess where it is (signals, locks, pipes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import httpx
+import pendulum
+import pytest
+
+from ona_emulator import EmulatorServer, UsageStore
+from ona_usage import settings
+from ona_usage.cli import main as cli_main
+from ona_usage.client import OnaApiError, UsageClient, _may_follow
+from ona_usage.pipeline import make_pipeline, read_state, run_backfill, run_sync
+from ona_usage.windows import Window, format_rfc3339
+
+from conftest import API_KEY, assert_table_equals, make_records, recent_records, request_ranges, run_cli
+
+DB = "ona_usage.duckdb"
+EXE = str(Path(sys.executable).with_name("ona-usage"))
+
+
+def config(emulator: EmulatorServer, **options) -> settings.Settings:
+    resolved = settings.resolve({"base_url": emulator.url, "backoff": 0.01, **options})
+    resolved.api_key = API_KEY
+    return resolved
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli_main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def days_ago(days: int) -> str:
+    return pendulum.now("UTC").subtract(days=days).to_date_string()
+
+
+# -- stragglers ----------------------------------------------------------------------------------
+
+
+def test_hanging_requests_are_hedged_and_the_table_is_exact(workdir, store, emulator):
+    store.add(recent_records(5_000, days=12))
+    # one request in 25 hangs for 40 s, longer than anything here waits; the access check does not
+    emulator.set_faults(seed=3, start_after=1, hang_rate=0.04, hang_seconds=40)
+
+    started = time.monotonic()
+    result = run_sync(config(emulator, start_date=days_ago(13), page_size=20))
+    elapsed = time.monotonic() - started
+
+    assert_table_equals(workdir / DB, store.records())
+    assert result.hedged >= 5  # about one request in 25 of some 300 got a twin
+    assert result.retries == 0  # none waited for its timeout
+    assert elapsed < 40  # it did not wait for a single hang to end
+
+
+def test_a_slow_api_everywhere_is_not_hedged(workdir, store, emulator):
+    store.add(recent_records(300, days=3))
+    emulator.set_faults(latency=0.05)  # slow, but every request alike
+    result = run_sync(config(emulator, start_date=days_ago(4), page_size=20))
+    assert_table_equals(workdir / DB, store.records())
+    assert result.hedged == 0
+
+
+# -- bounded loss --------------------------------------------------------------------------------
+
+
+def test_a_killed_backfill_resumes_after_its_last_time_bounded_chunk(workdir, store, emulator):
+    store.add(recent_records(2_000, days=20))
+    emulator.set_faults(latency=0.03)
+    start, end = pendulum.now("UTC").start_of("day").subtract(days=20), pendulum.now("UTC").start_of("day")
+    # 60-day chunks would hold the whole backfill; the 1 s time bound commits every second instead
+    args = [EXE, "backfill", "--base-url", emulator.url, "--start", start.to_date_string(), "--end", end.to_date_string(),
+            "--page-size", "10", "--workers", "1", "--chunk-seconds", "1"]
+    env = {**os.environ, "ONA_API_KEY": API_KEY}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    committed = {}
+    while time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        if (workdir / DB).exists():
+            try:
+                with duckdb.connect(str(workdir / DB), read_only=True):
+                    pass
+            except duckdb.IOException:
+                pass  # being written
+        progress = read_state(make_pipeline(settings.resolve({}))).backfills if (workdir / "dlt-data").exists() else {}
+        committed = next(iter(progress.values()), {}) if progress else {}
+        if committed.get("through") and pendulum.instance(committed["through"]) >= start.add(days=3):
+            break
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert committed and not committed["done"], "no chunk was committed before the kill"
+    through = pendulum.instance(committed["through"])
+    emulator.reset_requests()
+    emulator.set_faults()
+
+    result = run_backfill(config(emulator, page_size=10), (start, end))
+
+    assert all(pendulum.parse(begin) >= through for begin, _ in request_ranges(emulator))  # nothing committed refetched
+    assert result.chunks >= 1
+    assert_table_equals(workdir / DB, store.records(start=start, end=end))
+
+
+# -- bounded disk --------------------------------------------------------------------------------
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_pipeline_folder_does_not_grow_with_scheduled_runs(workdir, store, emulator):
+    store.add(recent_records(600, days=3))
+    folder = workdir / "dlt-data" / "pipelines" / "ona_usage"
+    run_sync(config(emulator, start_date=days_ago(4)))
+    run_sync(config(emulator))
+    after_two = folder_size(folder)
+    loaded_after_two = sorted(p.name for p in (folder / "load" / "loaded").iterdir())
+    for n in range(12):
+        store.add(make_records(pendulum.now("UTC").subtract(minutes=30), 20, f"run-{n}"))
+        run_sync(config(emulator))
+
+    loaded = list((folder / "load" / "loaded").iterdir())
+    assert len(loaded) == len(loaded_after_two) == 2  # this command's usage load and its models' load
+    assert folder_size(folder) < after_two * 1.25
+    assert not list(folder.rglob("*.parquet"))  # no copies of usage data outside the warehouse
+    assert_table_equals(workdir / DB, store.records())
+
+
+# -- readers -------------------------------------------------------------------------------------
+
+
+def test_status_report_and_verify_work_beside_a_read_only_reader(workdir, store, emulator, capsys, monkeypatch):
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    store.add(recent_records(300, days=3))
+    run_sync(config(emulator, start_date=days_ago(4)))
+    before = (workdir / DB).stat().st_mtime_ns
+
+    with duckdb.connect(str(workdir / DB), read_only=True) as notebook:  # an analyst's notebook holds the file
+        assert run_cli("status", "--json").returncode == 0  # another process
+        code, out, err = cli(capsys, "report", "--out", str(workdir / "r.html"))
+        assert code == 0, err
+        day = pendulum.now("UTC").start_of("day")
+        code, out, err = cli(capsys, "verify", "--base-url", emulator.url, "--start", day.subtract(days=4).to_date_string(),
+                             "--end", day.add(days=1).to_date_string())
+        assert code == 0, out + err
+        assert notebook.execute("SELECT count(*) FROM ona.environment_usage_records").fetchone() == (300,)
+    assert (workdir / DB).stat().st_mtime_ns == before  # the readers wrote nothing
+
+
+def test_status_answers_while_a_sync_writes_and_report_says_it_is_busy(workdir, store, emulator):
+    store.add(recent_records(300, days=6))
+    env = {"ONA_API_KEY": API_KEY}
+    assert run_cli("sync", "--base-url", emulator.url, "--start", days_ago(3), env=env).returncode == 0
+    store.add(recent_records(2_000, days=6, seed=9))
+    emulator.set_faults(latency=0.05)
+    args = [EXE, "backfill", "--base-url", emulator.url, "--start", days_ago(7), "--end", days_ago(0),
+            "--page-size", "10", "--workers", "1"]
+    writer = subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the backfill holds the file
+            try:
+                duckdb.connect(str(workdir / DB), read_only=True).close()
+            except duckdb.IOException:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the backfill never opened the DuckDB file")
+
+        status = run_cli("status", "--json", env=env)
+        report = run_cli("report", env=env)
+    finally:
+        os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait()
+
+    assert status.returncode == 0, status.stderr
+    answer = json.loads(status.stdout)
+    assert answer["warehouse"] == "busy" and answer["table_stats"] is None
+    assert answer["cursor"] is not None  # from this machine's state
+    assert report.returncode == 1
+    assert report.stderr.count("\n") == 1 and "is being written by another process" in report.stderr
+
+
+# -- one clear line for every failure ------------------------------------------------------------
+
+
+def test_ctrl_c_exits_130_and_says_what_was_committed(workdir, store, emulator):
+    store.add(recent_records(2_000, days=20))
+    emulator.set_faults(latency=0.03)
+    args = [EXE, "sync", "--base-url", emulator.url, "--start", days_ago(20), "--page-size", "10", "--workers", "1", "--chunk", "2d"]
+    process = subprocess.Popen(args, env={**os.environ, "ONA_API_KEY": API_KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and read_state(make_pipeline(settings.resolve({}))).fetched_through is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+
+    assert process.returncode == 130
+    through = read_state(make_pipeline(settings.resolve({}))).fetched_through
+    lines = [line for line in err.splitlines() if "ona-usage:" in line]
+    assert lines == [lines[-1]] and lines[-1].startswith("ona-usage: interrupted; ")
+    assert f"through {format_rfc3339(through)}; run the same command again to go on from there" in lines[-1]
+
+
+def test_a_closed_pipe_exits_quietly(workdir, emulator):
+    args = [EXE, "sync", "--dry-run", "--base-url", emulator.url, "--start", days_ago(300)]
+    producer = subprocess.Popen(args, env={**os.environ, "ONA_API_KEY": API_KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = producer.stdout.readline()
+    producer.stdout.close()  # like `| head -1`
+    err = producer.stderr.read()
+    assert producer.wait(timeout=60) == 0
+    assert first.startswith(b"A sync now would fetch") and err == b""
+
+
+@pytest.mark.parametrize(
+    "args,env,line",
+    [
+        (["--destination", "postgres"], {}, "the postgres destination is missing credentials: set DESTINATION__POSTGRES__CREDENTIALS, "
+                                             "or credentials under [destination.postgres] in .dlt/secrets.toml"),
+        (["--duckdb-file", "no/such/folder/usage.duckdb"], {}, "the folder {cwd}/no/such/folder for the DuckDB file does not exist; "
+                                                               "create it, or point --duckdb-file elsewhere"),
+        (["--start", "2999-01-01"], {}, "start date 2999-01-01T00:00:00Z is in the future; there is no usage to load from there yet"),
+        (["--window", "7h"], {}, "window '7h' must divide a day evenly: 1h, 2h, 3h, 4h, 6h, 8h, 12h or 1d"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line_before_any_request(args, env, line, workdir, emulator, capsys, monkeypatch):
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    code, out, err = cli(capsys, "sync", "--base-url", emulator.url, *args)
+    assert code == 2
+    assert err == f"ona-usage: error: {line.format(cwd=workdir)}\n"
+    assert emulator.requests == [] and not (workdir / DB).exists()
+
+
+def test_a_refused_connection_fails_within_seconds_in_one_line(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    with EmulatorServer(UsageStore()) as gone:
+        url = gone.url  # a port nothing listens on once it stops
+    started = time.monotonic()
+    code, out, err = cli(capsys, "sync", "--base-url", url)
+    assert time.monotonic() - started < 10
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith(f"ona-usage: error: could not connect to 127.0.0.1: ")
+    assert "gave up after" in err and not (workdir / DB).exists()
+
+
+def test_summaries_tell_new_rows_from_rows_read_again(workdir, store, emulator, capsys, monkeypatch):
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    store.add(recent_records(200, days=2))
+    code, out, _ = cli(capsys, "sync", "--base-url", emulator.url, "--start", days_ago(3))
+    assert "Loaded 200 new rows into duckdb dataset 'ona', table environment_usage_records; 0 read again" in out
+    again = store.records(start=pendulum.instance(read_state(make_pipeline(settings.resolve({}))).fetched_at).subtract(hours=2))
+    store.add(recent_records(3, days=0.01, seed=5))  # three new ones in the last minutes
+
+    code, out, _ = cli(capsys, "sync", "--base-url", emulator.url)
+
+    assert code == 0
+    assert f"Loaded 3 new rows into duckdb dataset 'ona', table environment_usage_records; {len(again)} read again" in out
+
+
+def test_a_finished_backfill_asks_for_force_and_last_load_is_its_own(workdir, store, emulator, capsys, monkeypatch):
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    store.add(recent_records(300, days=6))
+    assert cli(capsys, "sync", "--base-url", emulator.url, "--start", days_ago(2))[0] == 0
+    backfill = ["backfill", "--base-url", emulator.url, "--start", days_ago(6), "--end", days_ago(3)]
+    started = time.monotonic()
+    code, out, err = cli(capsys, *backfill)
+    took = time.monotonic() - started
+    assert code == 0, err
+    # on a machine that did not run it (no local trace): the duration comes from the state
+    import shutil
+
+    shutil.rmtree(workdir / "dlt-data")
+    code, out, err = cli(capsys, "status", "--json")
+    assert code == 0, err
+    assert 0 <= json.loads(out)["last_load"]["seconds"] <= took  # the backfill's own, not since the sync
+
+    emulator.reset_requests()
+    code, out, err = cli(capsys, *backfill)
+    assert code == 0, err
+    assert out.startswith(f"Backfill [{days_ago(6)}, {days_ago(3)}) was done before; nothing was fetched. Add --force to fetch it again.")
+    assert request_ranges(emulator) == []
+
+    code, out, err = cli(capsys, *backfill, "--force")
+    assert code == 0 and len(request_ranges(emulator)) == 3
+
+
+def test_start_and_end_are_the_same_flags_everywhere_and_no_flag_does_nothing():
+    for command in ("backfill", "verify"):
+        help_text = run_cli(command, "--help").stdout
+        assert "--start" in help_text and "--end" in help_text and "--lookback" not in help_text
+    assert "--window" not in run_cli("verify", "--help").stdout
+    sync_help = run_cli("sync", "--help").stdout
+    assert "--start DATE, --start-date DATE" in sync_help and "--lookback" in sync_help
+
+
+# -- the API's new home --------------------------------------------------------------------------
+
+
+def test_a_permanent_redirect_on_the_same_host_is_followed_with_a_warning(workdir, store, capsys, monkeypatch):
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    store.add(recent_records(300, days=2))
+    with EmulatorServer(store, api_key=API_KEY, redirects={"/old/": "/api/"}) as server:
+        old = server.url.replace("/api", "/old")
+        code, out, err = cli(capsys, "sync", "--base-url", old, "--start", days_ago(3))
+        moved = [r for r in server.requests if r["status"] == 308]
+    assert code == 0, err
+    assert_table_equals(workdir / DB, store.records())
+    assert err.count("following it") == 1 and "the API redirected (HTTP 308)" in err
+    assert moved and all(r["path"].startswith("/old/") for r in moved)
+
+
+def test_a_redirect_elsewhere_is_refused_and_the_key_never_goes_there(workdir, store, capsys, monkeypatch):
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    with EmulatorServer(store, api_key=API_KEY) as elsewhere, \
+            EmulatorServer(store, api_key=API_KEY, redirects={"/api/": elsewhere.url + "/"}) as server:
+        code, out, err = cli(capsys, "sync", "--base-url", server.url, "--start", days_ago(3))
+        assert elsewhere.requests == []
+    assert code == 1
+    assert err == (f"ona-usage: error: the API redirected (HTTP 308) to 127.0.0.1; not following it with the API key "
+                   "(only 307/308 to https://*.ona.com or *.gitpod.io are followed; if that host is right, set --base-url to it)\n")
+    assert not (workdir / DB).exists()
+
+
+@pytest.mark.parametrize(
+    "target,followed",
+    [
+        ("https://app.ona.com/api/x", True),
+        ("https://eu.app.ona.com/api/x", True),
+        ("https://app.gitpod.io/api/x", True),
+        ("http://app.ona.com/api/x", False),  # never in clear text
+        ("https://ona.com.evil.example/api/x", False),
+        ("https://evilona.com/api/x", False),
+        ("https://127.0.0.1:9/api/x", False),
+    ],
+)
+def test_which_redirects_the_key_may_follow(target, followed):
+    assert _may_follow(httpx.URL("https://app.gitpod.io/api/y"), httpx.URL(target)) is followed
+
+
+def test_a_redirect_to_ona_is_followed_with_the_key_and_a_loop_is_cut():
+    seen = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("authorization")))
+        if request.url.host == "app.gitpod.io":
+            return httpx.Response(308, headers={"Location": "https://app.ona.com" + request.url.raw_path.decode()})
+        return httpx.Response(200, json={"records": [], "pagination": {}})
+
+    window = Window(pendulum.datetime(2026, 1, 1), pendulum.datetime(2026, 1, 2))
+    with UsageClient("k-1", "https://app.gitpod.io/api", transport=httpx.MockTransport(api)) as client:
+        assert list(client.pages(window)) == [[]]
+    assert [host for host, _ in seen] == [
+        "https://app.gitpod.io/api/gitpod.v1.UsageService/ListEnvironmentUsageRecords?pageSize=100",
+        "https://app.ona.com/api/gitpod.v1.UsageService/ListEnvironmentUsageRecords?pageSize=100",
+    ]
+    assert {key for _, key in seen} == {"Bearer k-1"}
+
+    def loop(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(307, headers={"Location": str(request.url)})
+
+    with UsageClient("k-1", "https://app.ona.com/api", transport=httpx.MockTransport(loop), max_attempts=1) as client:
+        with pytest.raises(OnaApiError, match="redirected more than 3 times in a row"):
+            list(client.pages(window))
