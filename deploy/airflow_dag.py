@@ -19,7 +19,7 @@ with DAG(
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
 ) as sync_dag:
-    BashOperator(task_id="sync", bash_command="ona-usage sync --destination postgres --start-date 2026-01-01")
+    BashOperator(task_id="sync", bash_command="ona-usage sync --destination postgres --start 2026-01-01")
 
 with DAG(
     dag_id="ona_usage_verify",
