@@ -106,6 +106,7 @@ def test_demo_without_a_key_syncs_the_bundled_emulator_and_queries_it(workdir):
     assert result.returncode == 0, result.stderr
     assert "No API key given" in result.stdout
     loaded = int(result.stdout.split("Loaded ")[1].split(" new rows")[0].replace(",", ""))
-    with duckdb.connect(str(workdir / "ona_usage.duckdb"), read_only=True) as conn:
+    with duckdb.connect(str(workdir / "ona_usage_demo.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT count(*) FROM ona.environment_usage_records").fetchone() == (loaded,)
+    assert not (workdir / "ona_usage.duckdb").exists()  # the demo's rows live apart
     assert "backend" in result.stdout  # the example query names projects

@@ -83,7 +83,7 @@ def test_every_command_uses_the_current_directorys_warehouse(first_directory, tm
     monkeypatch.delenv("ONA_API_KEY")
     code, out, err = run(capsys, "demo", "--records", "500", "--days", "4")
     assert code == 0, err
-    with duckdb.connect(str(third / DB), read_only=True) as conn:
+    with duckdb.connect(str(third / "ona_usage_demo.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT count(*) FROM ona.environment_usage_records").fetchone()[0] == int(out.split("syncing ")[1].split(" ")[0].replace(",", ""))
     assert_table_equals(second / DB, store.records(), dataset="ona")  # untouched by the demo
 

@@ -18,7 +18,10 @@ ENDPOINTS = {
     "/gitpod.v1.ProjectService/ListProjects": ("projects", "projects"),
     "/gitpod.v1.EnvironmentService/ListEnvironmentClasses": ("environment_classes", "environmentClasses"),
     "/gitpod.v1.RunnerService/ListRunners": ("runners", "runners"),
+    "/gitpod.v1.OrganizationService/ListMembers": ("members", "members"),
 }
+IDENTITY = "/gitpod.v1.IdentityService/GetAuthenticatedIdentity"
+MEMBER_SINCE = "2025-06-01T09:00:00Z"
 DEFAULT_PAGE_SIZE = 25
 
 
@@ -28,6 +31,23 @@ def match(path: str) -> tuple[str, str] | None:
         if path.endswith(endpoint):
             return kind
     return None
+
+
+def members(users: list[str], names: dict[str, str], left: set[str]) -> list[dict[str, Any]]:
+    """Every user of a record who has not left, as `OrganizationMember` (gitpod-sdk)."""
+    return [
+        {
+            "userId": user,
+            "fullName": names.get(user, f"User {user[:8]}"),
+            "email": f"{user[:8]}@example.com",
+            "avatarUrl": f"https://example.com/avatars/{user[:8]}.png",
+            "role": "ORGANIZATION_ROLE_ADMIN" if i == 0 else "ORGANIZATION_ROLE_MEMBER",
+            "status": "USER_STATUS_ACTIVE",
+            "memberSince": MEMBER_SINCE,
+            "loginProvider": "github",
+        }
+        for i, user in enumerate(sorted({u for u in users if u} - left))
+    ]
 
 
 def items(referenced: list[tuple[str, str, str]], names: dict[str, str], kind: str) -> list[dict[str, Any]]:

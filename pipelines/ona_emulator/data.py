@@ -90,7 +90,11 @@ class UsageStore:
     def __init__(self, records: Iterable[dict[str, Any]] = (), ingestion_lag: float = 0.0) -> None:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
-        self.names: dict[str, str] = {}  # project, environment class and runner names by id
+        self.names: dict[str, str] = {}  # project, environment class, runner and user names by id
+        self.organization_id = "0c0ffee0-0000-4000-8000-00000000000a"  # whose key this store answers
+        # members by userId as ListMembers returns them; None: every user of a record, named from `names`
+        self.members: dict[str, dict[str, Any]] | None = None
+        self.left: set[str] = set()  # userIds that left the organization: their usage stays, ListMembers omits them
         self.version = 0
         self._index: _Index | None = None
         self._project_indexes: dict[str, _Index] = {}
@@ -144,6 +148,12 @@ class UsageStore:
         """(projectId, environmentClassId, runnerId) of every record, "" where absent; no decoding."""
         with self._lock:
             return [(e.project_id, e.environment_class_id, e.runner_id) for e in self._entries.values()]
+
+    def referenced_users(self) -> list[str]:
+        """The userId of every record (decoded from the bodies: users are not indexed)."""
+        with self._lock:
+            bodies = [e.body for e in self._entries.values()]
+        return [orjson.loads(body).get("userId") or "" for body in bodies]
 
     def __len__(self) -> int:
         return len(self._entries)

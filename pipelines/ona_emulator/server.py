@@ -21,6 +21,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
+
 from . import catalog
 from . import control as control_endpoint
 from .data import UsageStore
@@ -78,6 +80,7 @@ class EmulatorServer:
         self.fault: Fault | None = None
         self.denied: set[str] = set()  # catalog kinds ("projects", ...) answered with permission_denied
         self._catalog_cache: tuple[tuple[int, int, int], dict[str, list[dict[str, Any]]]] | None = None
+        self._members_cache: tuple[tuple[int, int, int], list[dict[str, Any]]] | None = None
         self._injector: FaultInjector | None = None
         self._fault_config = FaultConfig()
         self._statuses: dict[int, int] = {}
@@ -300,6 +303,19 @@ class EmulatorServer:
             request["fault"] = str(kind)
         return response
 
+    def _members(self, body: Any) -> list[dict[str, Any]]:
+        organization = (body or {}).get("organizationId") if isinstance(body, dict) else None
+        if not organization:
+            raise ConnectError("invalid_argument", "organization_id is required")
+        if organization != self.store.organization_id:
+            raise ConnectError("permission_denied", "the API key may not list members of that organization")
+        if self.store.members is not None:
+            return [m for user, m in sorted(self.store.members.items()) if user not in self.store.left]
+        stamp = (self.store.version, len(self.store.names), len(self.store.left))
+        if self._members_cache is None or self._members_cache[0] != stamp:
+            self._members_cache = (stamp, catalog.members(self.store.referenced_users(), self.store.names, self.store.left))
+        return self._members_cache[1]
+
     def _control(self, method: str, target: str, raw: bytes, client_host: str) -> Response:
         return control_endpoint.handle(self, method, target, raw, client_host)
 
@@ -312,6 +328,10 @@ class EmulatorServer:
         body_error: ConnectError | None,
         authorization: str,
     ) -> Response:
+        if path.endswith(catalog.IDENTITY):
+            self._authorize(method, authorization)
+            identity = {"organizationId": self.store.organization_id, "subject": {"id": "0u5e4000-0000-4000-8000-000000000001", "principal": "PRINCIPAL_USER"}}
+            return 200, orjson.dumps(identity), _JSON
         if kind := catalog.match(path):
             return self._catalog(kind, method, query, body, body_error, authorization)
         request = self._list_request(method, path, query, body, body_error, authorization)
@@ -337,10 +357,12 @@ class EmulatorServer:
         name, key = kind
         if name in self.denied:
             raise ConnectError("permission_denied", f"the API key may not list {name.replace('_', ' ')}")
+        if name == "members":
+            return 200, catalog.page(self._members(body), key, query, body), _JSON
         stamp = (self.store.version, id(self.store.names), len(self.store.names))
         if self._catalog_cache is None or self._catalog_cache[0] != stamp:
             referenced = self.store.referenced_ids()  # one pass for all three lists
-            lists = {kind: catalog.items(referenced, self.store.names, kind) for kind, _ in catalog.ENDPOINTS.values()}
+            lists = {kind: catalog.items(referenced, self.store.names, kind) for kind, _ in catalog.ENDPOINTS.values() if kind != "members"}
             self._catalog_cache = (stamp, lists)
         return 200, catalog.page(self._catalog_cache[1][name], key, query, body), _JSON
 

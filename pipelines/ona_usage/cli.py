@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_demo,
         "sync a synthetic organisation from the bundled emulator into DuckDB and query it",
         "Without an API key: start the bundled API emulator with 90 days of synthetic usage, sync it into "
-        "ona_usage.duckdb, print a summary and an example query. With an API key: sync the real API the same way.",
+        "its own pipeline and file, ona_usage_demo.duckdb, print a summary and an example query. With an API key: "
+        "sync the real API the same way, into the usual pipeline and file.",
     )
     add_start_argument(demo)
     add_target_arguments(demo)
@@ -414,6 +415,7 @@ def _with_progress(args: argparse.Namespace, label: str, run: Any) -> Any:
 
 def cmd_demo(args: argparse.Namespace, secrets: Secrets) -> int:
     import dataclasses
+    from pathlib import Path
 
     from ona_usage.pipeline import run_sync
 
@@ -430,8 +432,15 @@ def cmd_demo(args: argparse.Namespace, secrets: Secrets) -> int:
         store.names = organisation_names(42)
         with EmulatorServer(store) as server:
             print(f"No API key given: syncing {len(store.records()):,} synthetic records from the local emulator at {server.url}")
+            # its own pipeline and file: synthetic rows never reach a real warehouse
+            demo = config.pipeline_name + "_demo"
             config = dataclasses.replace(
-                config, base_url=server.url, api_key=server.api_key, start_date=config.start_date or start.start_of("day")
+                config,
+                base_url=server.url,
+                api_key=server.api_key,
+                start_date=config.start_date or start.start_of("day"),
+                pipeline_name=demo,
+                duckdb_file=config.duckdb_file if args.duckdb_file else str(Path(demo + settings.DUCKDB_SUFFIX).absolute()),
             )
             result = _with_progress(args, "sync", lambda stats: run_sync(config, stats))
     print_summary(config, result)

@@ -42,6 +42,7 @@ from ona_usage.windows import Window, format_rfc3339
 logger = logging.getLogger(__name__)
 
 LIST_USAGE_PATH = "/gitpod.v1.UsageService/ListEnvironmentUsageRecords"
+IDENTITY_PATH = "/gitpod.v1.IdentityService/GetAuthenticatedIdentity"
 # A server that asks us to wait longer than this is treated as down, not as busy.
 MAX_RETRY_AFTER = 300.0
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -142,6 +143,7 @@ class UsageClient:
         self._lock = threading.Lock()
         self.requests = 0
         self.retries = 0
+        self._organization_id: str | None = None
 
     def __enter__(self) -> UsageClient:
         return self
@@ -190,9 +192,22 @@ class UsageClient:
         body = _request_body(window, project_id, self.page_size)
         yield from self._paginate(self._usage_url, body, "records", f"window {window}")
 
-    def list_all(self, path: str, items_key: str) -> list[dict[str, Any]]:
+    def organization_id(self) -> str:
+        """The organization the key belongs to (`IdentityService/GetAuthenticatedIdentity`)."""
+        with self._lock:
+            known = self._organization_id
+        if known is None:
+            identity, _ = self._call(self._base + IDENTITY_PATH, {}, b"{}", "the identity check")
+            known = identity.get("organizationId")
+            if not isinstance(known, str) or not known:
+                raise OnaApiError("the API answered the identity check without an organizationId")
+            with self._lock:
+                self._organization_id = known
+        return known
+
+    def list_all(self, path: str, items_key: str, **body_fields: Any) -> list[dict[str, Any]]:
         """Every item of a token-paged list endpoint, e.g. ProjectService/ListProjects."""
-        body = orjson.dumps({"pagination": {"pageSize": self.page_size}})
+        body = orjson.dumps({**body_fields, "pagination": {"pageSize": self.page_size}})
         url = self._base + path
         pages = self._paginate(url, body, items_key, path.rsplit("/", 1)[-1])
         return [item for items, _ in pages for item in items]

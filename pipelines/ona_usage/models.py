@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import dlt
 import pyarrow as pa
@@ -40,6 +41,7 @@ BATCH_ROWS = 100_000
 DAILY_SQL = """
 SELECT
   CAST(s.day AS DATE) AS usage_date,
+  r.organization_id,
   r.user_id,
   r.project_id,
   r.environment_class_id,
@@ -49,6 +51,7 @@ SELECT
     AS DOUBLE PRECISION) AS runtime_hours
 FROM (
   SELECT
+    {organization} AS organization_id,
     user_id,
     project_id,
     environment_class_id,
@@ -60,12 +63,14 @@ FROM (
 CROSS JOIN LATERAL (
   SELECT GENERATE_SERIES(DATE_TRUNC('day', r.start_utc), DATE_TRUNC('day', r.stop_utc), INTERVAL '1 day') AS day
 ) AS s
-GROUP BY 1, 2, 3, 4, 5
+GROUP BY 1, 2, 3, 4, 5, 6
 """
 
+# A month's credits and cost are known only if every day of it is priced: never a partial sum.
 MONTHLY_SQL = """
 SELECT
   CAST(DATE_TRUNC('month', usage_date) AS DATE) AS usage_month,
+  organization_id,
   user_id,
   project_id,
   environment_class_id,
@@ -74,28 +79,73 @@ SELECT
   CAST(SUM(runtime_hours) AS DOUBLE PRECISION) AS runtime_hours,
   project_name,
   environment_class_name,
-  runner_name
+  runner_name,
+  user_name,
+  user_email,
+  CASE WHEN COUNT(credits) = COUNT(*) THEN CAST(SUM(credits) AS DOUBLE PRECISION) END AS credits,
+  CASE WHEN COUNT(cost) = COUNT(*) THEN CAST(SUM(cost) AS DOUBLE PRECISION) END AS cost,
+  MAX(currency) AS currency
 FROM ({daily}) AS d
-GROUP BY 1, 2, 3, 4, 5, 8, 9, 10
+GROUP BY 1, 2, 3, 4, 5, 6, 9, 10, 11, 12, 13
 """
 
-# (names table, the id column it names, the model's name column)
+# The rate valid on a day: the latest `valid_from` on or before it. A rate names its class by
+# id or by display name (as ListEnvironmentClasses gives it).
+PRICED_SQL = """
+SELECT
+  n.*,
+  n.runtime_hours * p.credits_per_hour AS credits,
+  n.runtime_hours * p.credits_per_hour * p.credit_price AS cost,
+  p.currency
+FROM ({named}) AS n
+LEFT JOIN (
+  SELECT
+    q.*,
+    LEAD(q.valid_from) OVER (PARTITION BY q.environment_class_id ORDER BY q.valid_from) AS valid_until
+  FROM (
+    SELECT
+      {class_id} AS environment_class_id,
+      CAST(r.credits_per_hour AS DOUBLE PRECISION) AS credits_per_hour,
+      CAST(r.credit_price AS DOUBLE PRECISION) AS credit_price,
+      r.currency,
+      COALESCE(r.valid_from, CAST('1970-01-01' AS DATE)) AS valid_from
+    FROM {rate_card} AS r {class_join}
+  ) AS q
+) AS p
+  ON p.environment_class_id = n.environment_class_id
+  AND n.usage_date >= p.valid_from
+  AND (p.valid_until IS NULL OR n.usage_date < p.valid_until)
+"""
+
+UNPRICED_SQL = """
+SELECT n.*, CAST(NULL AS DOUBLE PRECISION) AS credits, CAST(NULL AS DOUBLE PRECISION) AS cost, CAST(NULL AS TEXT) AS currency
+FROM ({named}) AS n
+"""
+
+# the tables besides the usage records the models read
+INPUTS = ("projects", "environment_classes", "runners", "members", "rate_card")
+
+# (names table, the id column it names, the model's name column, the table's own id column)
 NAMED = (
-    ("projects", "project_id", "project_name"),
-    ("environment_classes", "environment_class_id", "environment_class_name"),
-    ("runners", "runner_id", "runner_name"),
+    ("projects", "project_id", "project_name", "id"),
+    ("environment_classes", "environment_class_id", "environment_class_name", "id"),
+    ("runners", "runner_id", "runner_name", "id"),
+    ("members", "user_id", "user_name", "user_id"),
 )
 
 
 def _columns(first: tuple[str, str]) -> TTableSchemaColumns:
-    texts = ("user_id", "project_id", "environment_class_id", "runner_id")
-    names = tuple(name for _, _, name in NAMED)
+    texts = ("organization_id", "user_id", "project_id", "environment_class_id", "runner_id")
+    names = (*(name for _, _, name, _ in NAMED), "user_email")
     # nullable throughout, as the Arrow batches the destination returns say
     columns: TTableSchemaColumns = {first[0]: {"name": first[0], "data_type": first[1], "nullable": True}}
     columns.update({c: {"name": c, "data_type": "text", "nullable": True} for c in texts})
     columns["runs"] = {"name": "runs", "data_type": "bigint", "nullable": True}
     columns["runtime_hours"] = {"name": "runtime_hours", "data_type": "double", "nullable": True}
     columns.update({c: {"name": c, "data_type": "text", "nullable": True} for c in names})
+    columns["credits"] = {"name": "credits", "data_type": "double", "nullable": True}
+    columns["cost"] = {"name": "cost", "data_type": "double", "nullable": True}
+    columns["currency"] = {"name": "currency", "data_type": "text", "nullable": True}
     return columns
 
 
@@ -113,15 +163,42 @@ def ona_usage_models(pipeline: dlt.Pipeline) -> DltSource:
     return source_of([_model(pipeline, name) for name in MODELS])
 
 
-def refresh_models(pipeline: dlt.Pipeline) -> bool:
-    """Load the models after the usage; False where there is nothing to model or no SQL."""
+def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None) -> bool:
+    """Load the models after the usage; False where there is nothing to model, no SQL, or no change.
+
+    `unchanged_since` is `inputs_fingerprint` from before the command's loads: when the inputs
+    still have it (a scheduled run that only read its lookback again), the models stand.
+    """
     if not has_sql(pipeline):
         logger.info("no models on the %s destination", pipeline.destination.destination_name)
         return False
-    if RESOURCE_NAME not in pipeline.default_schema.data_table_names(seen_data_only=True):
+    loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
+    if RESOURCE_NAME not in loaded:
         return False  # no usage loaded yet
+    if unchanged_since is not None and set(MODELS) <= loaded and inputs_fingerprint(pipeline) == unchanged_since:
+        return False
     pipeline.run(ona_usage_models(pipeline))
     return True
+
+
+def inputs_fingerprint(pipeline: dlt.Pipeline) -> str | None:
+    """A hash of every row the models are computed from, where the destination computes one cheaply (DuckDB)."""
+    if pipeline.destination.destination_name != "duckdb" or not pipeline.default_schema_name:
+        return None
+    loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
+    tables = [t for t in (RESOURCE_NAME, *INPUTS) if t in loaded]
+    if RESOURCE_NAME not in tables:
+        return None
+    with pipeline.sql_client() as client:
+        parts = []
+        for table in tables:
+            columns = [c for c in pipeline.default_schema.get_table_columns(table) if not c.startswith("_dlt_")]
+            row = client.execute_sql(
+                f"SELECT count(*), sum(hash({', '.join(client.escape_column_name(c) for c in columns)})) "
+                f"FROM {client.make_qualified_table_name(table)}"
+            )[0]
+            parts.append(f"{table}:{row[0]}:{row[1]}")
+    return "|".join(parts)
 
 
 def has_sql(pipeline: dlt.Pipeline) -> bool:
@@ -134,9 +211,7 @@ def _model(pipeline: dlt.Pipeline, name: str) -> DltResource:
     @dlt.resource(name=name, write_disposition="replace", columns=COLUMNS[name])
     def model() -> Iterator[pa.Table]:
         with pipeline.sql_client() as client:
-            loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
-            name_tables = {t: client.make_qualified_table_name(t) for t, _, _ in NAMED if t in loaded}
-            daily = _with_names(DAILY_SQL.format(records=client.make_qualified_table_name(RESOURCE_NAME)), name_tables)
+            daily = daily_sql(pipeline, client)
             sql = daily if name == DAILY_MODEL else MONTHLY_SQL.format(daily=daily)
             dialect = pipeline.destination.capabilities().sqlglot_dialect
             with client.execute_query(sqlglot.transpile(sql, read="postgres", write=dialect)[0]) as cursor:
@@ -145,15 +220,47 @@ def _model(pipeline: dlt.Pipeline, name: str) -> DltResource:
     return model
 
 
-def _with_names(usage_sql: str, name_tables: dict[str, str]) -> str:
-    """The usage rows with a name column per id: joined where the names were loaded, else null."""
+def daily_sql(pipeline: dlt.Pipeline, client: Any) -> str:
+    """The daily model's query (PostgreSQL dialect) over the tables this pipeline has loaded."""
+    loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
+    columns = pipeline.default_schema.get_table_columns(RESOURCE_NAME)
+    table = {t: client.make_qualified_table_name(t) for t in (RESOURCE_NAME, *INPUTS) if t in loaded}
+    usage = DAILY_SQL.format(
+        records=table[RESOURCE_NAME],
+        organization="organization_id" if "organization_id" in columns else "CAST(NULL AS TEXT)",
+    )
+    named = _with_names(usage, table)
+    if "rate_card" not in table:
+        return UNPRICED_SQL.format(named=named)
+    classes = table.get("environment_classes")
+    return PRICED_SQL.format(
+        named=named,
+        rate_card=table["rate_card"],
+        class_id="COALESCE(c.id, r.environment_class)" if classes else "r.environment_class",
+        class_join=f"LEFT JOIN (SELECT MAX(id) AS id, name FROM {classes} GROUP BY name) AS c ON c.name = r.environment_class"
+        if classes
+        else "",
+    )
+
+
+def _with_names(usage_sql: str, tables: dict[str, str]) -> str:
+    """The usage rows with a name column per id: joined where the names were loaded, else null.
+
+    Each list is read as one row per id, so no row of usage can ever be counted twice, whatever
+    a names table holds (rows of several organizations, or rows from before they carried one).
+    """
     columns, joins = [], []
-    for table, id_column, name_column in NAMED:
-        qualified = name_tables.get(table)
+    for table, id_column, name_column, key in NAMED:
+        qualified = tables.get(table)
         if qualified:
             alias = f"n_{table}"
+            extra = ", MAX(email) AS email" if table == "members" else ""
             columns.append(f"{alias}.name AS {name_column}")
-            joins.append(f"LEFT JOIN {qualified} AS {alias} ON {alias}.id = u.{id_column}")
+            joins.append(
+                f"LEFT JOIN (SELECT {key}, MAX(name) AS name{extra} FROM {qualified} GROUP BY {key}) AS {alias} "
+                f"ON {alias}.{key} = u.{id_column}"
+            )
         else:
             columns.append(f"CAST(NULL AS TEXT) AS {name_column}")
+    columns.append("n_members.email AS user_email" if "members" in tables else "CAST(NULL AS TEXT) AS user_email")
     return f"SELECT u.*, {', '.join(columns)} FROM ({usage_sql}) AS u {' '.join(joins)}"

@@ -51,26 +51,80 @@ CATALOG: dict[str, tuple[str, str, Callable[[dict[str, Any]], dict[str, Any]], T
         lambda r: {"id": r.get("runnerId"), "name": r.get("name")},
         _text_columns("id", "name"),
     ),
+    # people who left are not listed: their usage keeps its user_id, with no name
+    "members": (
+        "/gitpod.v1.OrganizationService/ListMembers",
+        "members",
+        lambda m: {
+            "user_id": m.get("userId"),
+            "name": m.get("fullName"),
+            "email": m.get("email"),
+            "role": _enum(m.get("role"), "ORGANIZATION_ROLE_"),
+            "status": _enum(m.get("status"), "USER_STATUS_"),
+            "member_since": m.get("memberSince"),
+        },
+        {
+            **_text_columns("user_id", "name", "email", "role", "status"),
+            "member_since": {"name": "member_since", "data_type": "timestamp", "nullable": True},
+        },
+    ),
 }
 
 
+def _enum(value: str | None, prefix: str) -> str | None:
+    """`ORGANIZATION_ROLE_ADMIN` as `admin`: the API's enums in the words people use."""
+    return value[len(prefix) :].lower() if isinstance(value, str) and value.startswith(prefix) else value
+
+
+RATE_CARD_COLUMNS: TTableSchemaColumns = {
+    "environment_class": {"name": "environment_class", "data_type": "text", "nullable": False},
+    "credits_per_hour": {"name": "credits_per_hour", "data_type": "double", "nullable": False},
+    "valid_from": {"name": "valid_from", "data_type": "date", "nullable": True},
+    "credit_price": {"name": "credit_price", "data_type": "double", "nullable": True},
+    "currency": {"name": "currency", "data_type": "text", "nullable": True},
+}
+
+
+def rate_card_resource(config: Settings) -> DltResource:
+    """The team's rate card (`rate_card` / `rate_card_file` in config) as a table the models price hours with."""
+    rows = [rate._asdict() for rate in config.rate_card]
+    return dlt.resource(rows, name="rate_card", write_disposition="replace", columns=RATE_CARD_COLUMNS)
+
+
+ORGANIZATION_COLUMN: TTableSchemaColumns = {"organization_id": {"name": "organization_id", "data_type": "text", "nullable": False}}
+
+
 def name_resources(config: Settings, client: UsageClient | None = None) -> list[DltResource]:
-    """A `replace` resource per list; each uses `client`, or a client of its own that it closes."""
+    """A resource per list; each uses `client`, or a client of its own that it closes.
+
+    Several organizations may share a dataset, so each list is replaced per organization: its
+    rows carry `organization_id`, and a load deletes that organization's rows before it inserts
+    (dlt's delete-insert merge on that key). A list the key may not read keeps what it had.
+    """
     return [_name_resource(table, config, client) for table in CATALOG]
 
 
 def _name_resource(table: str, config: Settings, client: UsageClient | None) -> DltResource:
     path, key, to_row, columns = CATALOG[table]
+    id_column = next(iter(columns))  # a list's rows are keyed by their first column
 
-    @dlt.resource(name=table, write_disposition="replace", primary_key="id", columns=columns)
+    @dlt.resource(
+        name=table,
+        write_disposition={"disposition": "merge", "strategy": "delete-insert"},
+        primary_key=(id_column, "organization_id"),
+        merge_key="organization_id",
+        columns={**columns, **ORGANIZATION_COLUMN},
+    )
     def names() -> Iterator[list[dict[str, Any]]]:
         with contextlib.ExitStack() as stack:
             api = client or stack.enter_context(make_client(config))
             try:
-                items = api.list_all(path, key)
+                organization_id = api.organization_id()
+                scope = {"organizationId": organization_id} if table == "members" else {}
+                items = api.list_all(path, key, **scope)
             except OnaApiError as exc:
                 logger.warning("%s are left out (their names stay unknown): %s", table.replace("_", " "), exc)
                 return
-        yield [row for row in map(to_row, items) if row["id"]]
+        yield [{**row, "organization_id": organization_id} for row in map(to_row, items) if row[id_column]]
 
     return names

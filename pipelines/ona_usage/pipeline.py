@@ -25,13 +25,23 @@ import pendulum
 from dlt.common.configuration.exceptions import ConfigFieldMissingException
 from dlt.common.destination.reference import Destination
 from dlt.common.pipeline import LoadInfo, get_dlt_pipelines_dir
+from dlt.destinations.exceptions import DatabaseTerminalException, DatabaseUndefinedRelation
 from dlt.pipeline.trace import PipelineTrace, save_trace
 
 from ona_usage.client import UsageClient, make_client
-from ona_usage.models import MODELS, has_sql, refresh_models
-from ona_usage.names import name_resources
+from ona_usage.models import MODELS, has_sql, inputs_fingerprint, refresh_models
+from ona_usage.names import name_resources, rate_card_resource
 from ona_usage.settings import ConfigError, Settings
-from ona_usage.source import ExtractStats, Feed, WindowFetcher, plan_windows, source_of, usage_records
+from ona_usage.source import (
+    ExtractStats,
+    Feed,
+    OrganizationMismatch,
+    WindowFetcher,
+    check_organization,
+    plan_windows,
+    source_of,
+    usage_records,
+)
 from ona_usage.state import RESOURCE_NAME, SyncState, backfill_key
 from ona_usage.windows import Window
 
@@ -98,18 +108,21 @@ def _run(
         stats.retries = lambda: client.retries
         # A bad key or URL fails here, before anything touches the destination or the state.
         client.check_access()
+        organization_id = client.organization_id()
         with pipeline_lock(config), open_destination(config, destination) as opened:
             pipeline = make_pipeline(config, opened)
             follow_destination(pipeline, config)
             now = pendulum.now("UTC")
             state = read_state(pipeline)
+            _check_organization(pipeline, config, state, organization_id)
             if windows is None:
                 windows = plan_windows(config, state, now, backfill, force=force)
                 progress = state.backfills.get(backfill_key(*backfill, config.project_id), {}) if backfill else {}
                 result.already_done = bool(progress.get("done")) and not force
             rows_before = _table_rows(pipeline)
-            traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result)
-            if result.chunks and refresh_models(pipeline):
+            fingerprint = inputs_fingerprint(pipeline)
+            traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result, organization_id)
+            if result.chunks and refresh_models(pipeline, unchanged_since=fingerprint):
                 traces.append(pipeline.last_trace)
             _save_trace(pipeline, traces)
             _prune_loaded_packages(pipeline, result)
@@ -131,6 +144,7 @@ def _load_chunks(
     backfill: Range | None,
     stats: ExtractStats,
     result: SyncResult,
+    organization_id: str,
 ) -> list[PipelineTrace]:
     """One dlt load per chunk of windows, fetched ahead by one fetcher; the names ride the first.
 
@@ -141,15 +155,21 @@ def _load_chunks(
     size = config.windows_per_chunk
     traces = []
     with WindowFetcher(client, windows, config.project_id, config.workers, lookahead=size) as fetcher:
-        feed = Feed(windows, fetcher, fetched_at=now, stats=stats, max_windows=size, max_seconds=config.chunk_seconds)
+        feed = Feed(
+            windows, fetcher, fetched_at=now, organization_id=organization_id, stats=stats,
+            max_windows=size, max_seconds=config.chunk_seconds,
+        )
         while not feed.last:
             usage = usage_records(config, backfill, feed)
-            if config.destination == "filesystem":
-                # Plain Parquet files cannot be merged into; Delta tables can, on `id` like elsewhere.
-                usage.apply_hints(table_format="delta")
             # With the usage: a list the key may not read is left out (one warning), never the usage.
-            names = name_resources(config, client) if config.names and not result.chunks else []
-            result.load_infos.append(pipeline.run(source_of([usage, *names])))
+            resources = [usage, *([] if result.chunks else _extras(config, client))]
+            if config.destination == "filesystem":
+                # Plain Parquet files cannot be merged into: the usage goes to a Delta table, merged
+                # on `id` as elsewhere; the lists are replaced whole (Delta has no delete-insert).
+                usage.apply_hints(table_format="delta")
+                for resource in resources[1:]:
+                    resource.apply_hints(write_disposition="replace")
+            result.load_infos.append(pipeline.run(source_of(resources)))
             result.chunks += 1
             result.rows_loaded += _rows_normalized(pipeline, RESOURCE_NAME)
             traces.append(pipeline.last_trace)
@@ -157,6 +177,43 @@ def _load_chunks(
             if not feed.last:
                 logger.info("committed chunk %d (%d of %d windows)", result.chunks, stats.windows_done, stats.windows_total)
     return traces
+
+
+def _extras(config: Settings, client: UsageClient) -> list:
+    """What rides with the first load: the lists of names, and the rate card."""
+    extras = name_resources(config, client) if config.names else []
+    return extras + ([rate_card_resource(config)] if config.rate_card else [])
+
+
+def _check_organization(pipeline: dlt.Pipeline, config: Settings, state: SyncState, organization_id: str) -> None:
+    """Before anything is fetched or written: this pipeline's organization, and the dataset's others."""
+    check_organization(state.organization_id, organization_id, config.pipeline_name)
+    if state.organization_id or config.add_organization or not has_sql(pipeline):
+        return
+    others = [o for o in _organizations_in_table(pipeline) if o != organization_id]
+    if others:
+        raise OrganizationMismatch(
+            f"dataset {config.dataset_name!r} holds usage of organization {', '.join(others)}, and this key belongs to "
+            f"organization {organization_id}; add --add-organization to keep both in one dataset, or choose another --dataset-name"
+        )
+
+
+def _organizations_in_table(pipeline: dlt.Pipeline) -> list[str]:
+    """The organizations whose usage the dataset holds, whichever pipeline loaded it."""
+    if not warehouse_exists_for(pipeline):
+        return []
+    try:
+        with pipeline.sql_client() as client:
+            table = client.make_qualified_table_name(RESOURCE_NAME)
+            rows = client.execute_sql(f"SELECT DISTINCT organization_id FROM {table} WHERE organization_id IS NOT NULL")
+    except (DatabaseUndefinedRelation, DatabaseTerminalException):
+        return []  # no table yet, or one from before organizations were recorded
+    return [row[0] for row in rows or []]
+
+
+def warehouse_exists_for(pipeline: dlt.Pipeline) -> bool:
+    credentials = pipeline.destination.config_params.get("credentials")
+    return not (pipeline.destination.destination_name == "duckdb" and isinstance(credentials, str) and not Path(credentials).exists())
 
 
 def _table_rows(pipeline: dlt.Pipeline) -> int | None:

@@ -52,6 +52,14 @@ COLUMNS: TTableSchemaColumns = {
     }
     for api, column in FIELDS
 }
+# Not from the record: the organization whose key listed it (IdentityService), so that several
+# organizations can share a dataset. Null in rows loaded before ona-usage 0.2.
+ORGANIZATION_COLUMN = "organization_id"
+COLUMNS[ORGANIZATION_COLUMN] = {"name": ORGANIZATION_COLUMN, "data_type": "text", "nullable": True}
+
+
+def with_organization(table: pa.Table, organization_id: str) -> pa.Table:
+    return table.append_column(ORGANIZATION_COLUMN, pa.repeat(pa.scalar(organization_id, pa.string()), table.num_rows))
 
 
 # A page as the JSON reader sees it: only `records` is read, every other field is skipped.

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import httpx
 import pendulum
@@ -65,6 +65,16 @@ class ConfigError(ValueError):
     """An option has a value the sync cannot use; the message names the option and the fix."""
 
 
+class Rate(NamedTuple):
+    """One line of a rate card: what an hour on an environment class costs, from a date on."""
+
+    environment_class: str  # an id, or a display name as ListEnvironmentClasses gives it
+    credits_per_hour: float
+    valid_from: Optional[pendulum.Date]  # None: since always
+    credit_price: Optional[float]  # what a credit costs, in `currency`
+    currency: Optional[str]
+
+
 @configspec
 class SyncConfig(BaseConfiguration):
     """The options as dlt resolves them from `[sources.ona_usage]`, before they are parsed."""
@@ -85,6 +95,11 @@ class SyncConfig(BaseConfiguration):
     names: bool = True
     duckdb_memory_limit: str = DEFAULT_DUCKDB_MEMORY_LIMIT
     duckdb_file: Optional[str] = None
+    rate_card: Optional[List[Dict[str, Any]]] = None
+    rate_card_file: Optional[str] = None
+    credit_price: Optional[float] = None
+    currency: Optional[str] = None
+    add_organization: bool = False
     destination: str = DEFAULT_DESTINATION
     dataset_name: str = DEFAULT_DATASET_NAME
     pipeline_name: str = DEFAULT_PIPELINE_NAME
@@ -111,6 +126,8 @@ class Settings:
     names: bool
     duckdb_memory_limit: str
     duckdb_file: str  # absolute, or a non-file DuckDB target such as ":memory:"
+    rate_card: list[Rate]
+    add_organization: bool
     destination: str
     dataset_name: str
     pipeline_name: str
@@ -184,6 +201,8 @@ def parse(raw: SyncConfig) -> Settings:
         names=bool(raw.names),
         duckdb_memory_limit=str(raw.duckdb_memory_limit),
         duckdb_file=duckdb_file(raw.duckdb_file, raw.pipeline_name.strip()),
+        rate_card=rate_card(raw.rate_card, raw.rate_card_file, raw.credit_price, raw.currency),
+        add_organization=bool(raw.add_organization),
         destination=raw.destination.strip(),
         dataset_name=raw.dataset_name.strip(),
         pipeline_name=raw.pipeline_name.strip(),
@@ -230,6 +249,46 @@ def _past(value: pendulum.DateTime, what: str) -> pendulum.DateTime:
     if value > pendulum.now("UTC"):
         raise ConfigError(f"{what} {value.to_iso8601_string()} is in the future; there is no usage to load from there yet")
     return value
+
+
+def rate_card(
+    entries: Optional[List[Dict[str, Any]]], path: Optional[str], credit_price: Optional[float], currency: Optional[str]
+) -> list[Rate]:
+    """The rate card from `rate_card` (config) and `rate_card_file` (a CSV with the same columns)."""
+    import csv
+
+    rows = list(entries or [])
+    if path:
+        try:
+            with open(Path(path).expanduser(), newline="", encoding="utf-8") as handle:
+                rows += [{k: v for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(handle)]
+        except OSError as exc:
+            raise ConfigError(f"rate_card_file {path!r} cannot be read: {exc.strerror}") from None
+    price = None if credit_price is None else _number(credit_price, "credit_price", float, 0, 1e9)
+    rates: list[Rate] = []
+    for number, row in enumerate(rows, start=1):
+        where = f"rate card line {number}"
+        if not isinstance(row, dict) or not str(row.get("environment_class") or "").strip():
+            raise ConfigError(f"{where} has no environment_class (an environment class id or display name)")
+        if "credits_per_hour" not in row:
+            raise ConfigError(f"{where} has no credits_per_hour")
+        valid_from = row.get("valid_from")
+        rates.append(
+            Rate(
+                environment_class=str(row["environment_class"]).strip(),
+                credits_per_hour=_number(row["credits_per_hour"], f"{where}: credits_per_hour", float, 0, 1e9),
+                valid_from=parse_date(str(valid_from), f"{where}: valid_from").date() if valid_from else None,
+                credit_price=price,
+                currency=(currency or "").strip() or None,
+            )
+        )
+    seen = set()
+    for rate in rates:
+        key = (rate.environment_class, rate.valid_from)
+        if key in seen:
+            raise ConfigError(f"the rate card has {rate.environment_class!r} twice from {rate.valid_from or 'the start'}")
+        seen.add(key)
+    return rates
 
 
 def api_key_from_env() -> Optional[str]:

@@ -36,8 +36,8 @@ from dlt.extract.source import DltSource
 
 from ona_usage import settings
 from ona_usage.client import UsageClient, make_client
-from ona_usage.names import name_resources
-from ona_usage.records import COLUMNS, first_of_each_id, from_pages
+from ona_usage.names import name_resources, rate_card_resource
+from ona_usage.records import COLUMNS, first_of_each_id, from_pages, with_organization
 from ona_usage.settings import Settings
 from ona_usage.state import CURSOR_COLUMN, RESOURCE_NAME, SOURCE_NAME, SyncState, backfill_key
 from ona_usage.windows import Window, plan
@@ -97,6 +97,8 @@ def ona_usage(
     resources = [usage_records(config, backfill)]
     if config.names:
         resources += name_resources(config)
+    if config.rate_card:
+        resources.append(rate_card_resource(config))
     return resources
 
 
@@ -153,12 +155,14 @@ class Feed:
         fetcher: WindowFetcher,
         *,
         fetched_at: pendulum.DateTime,
+        organization_id: str,
         stats: ExtractStats | None = None,
         max_windows: int | None = None,
         max_seconds: float | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.fetched_at = fetched_at  # the "now" the windows were planned at
+        self.organization_id = organization_id  # whose key fetches them
         self.stats = stats or ExtractStats()
         self.max_windows = max_windows or len(windows) or 1
         self.max_seconds = max_seconds
@@ -213,7 +217,9 @@ def usage_records(
         state = dlt.current.resource_state()
         with contextlib.ExitStack() as stack:
             own = feed or stack.enter_context(_own_feed(config, SyncState.from_resource_state(state), backfill))
+            check_organization(state.get("organization_id"), own.organization_id, config.pipeline_name)
             yield from _batches(own)
+        state["organization_id"] = own.organization_id
         # Reached only when every window of the load was fetched; committed with the rows, or not at all.
         state["last_run"] = {"started_at": own.fetched_at, "backfill": progress_key is not None}
         if not own.taken:
@@ -239,7 +245,7 @@ def _batches(feed: Feed) -> Iterator[pa.Table]:
     for _, _, table in feed.next_load():
         table = first_of_each_id(table, seen)
         if table.num_rows:
-            batch.append(table)
+            batch.append(with_organization(table, feed.organization_id))
             rows += table.num_rows
         if rows >= BATCH_ROWS:
             yield pa.concat_tables(batch)
@@ -255,8 +261,23 @@ def _own_feed(
     """A standalone run's whole range as one load, with a client and fetcher of its own."""
     now = pendulum.now("UTC")
     windows = plan_windows(config, state, now, backfill)
-    with make_client(config) as client, WindowFetcher(client, windows, config.project_id, config.workers) as fetcher:
-        yield Feed(windows, fetcher, fetched_at=now)
+    with make_client(config) as client:
+        organization_id = client.organization_id()
+        with WindowFetcher(client, windows, config.project_id, config.workers) as fetcher:
+            yield Feed(windows, fetcher, fetched_at=now, organization_id=organization_id)
+
+
+class OrganizationMismatch(settings.ConfigError):
+    """The key belongs to another organization than the one this pipeline syncs."""
+
+
+def check_organization(synced: str | None, key_of: str, pipeline_name: str) -> None:
+    """One pipeline, one cursor, one organization: a key of another one must not move it."""
+    if synced and synced != key_of:
+        raise OrganizationMismatch(
+            f"pipeline {pipeline_name!r} syncs organization {synced}, but the API key belongs to organization "
+            f"{key_of}; sync it with its own --pipeline-name (and --add-organization to share the dataset)"
+        )
 
 
 def plan_windows(

@@ -27,6 +27,7 @@ class SyncState:
     initial_value: datetime | None = None
     backfills: dict[str, Any] = field(default_factory=dict)
     last_run: dict[str, Any] = field(default_factory=dict)  # when the newest committed run started
+    organization_id: str | None = None  # whose usage this pipeline syncs
 
     @classmethod
     def from_resource_state(cls, resource: dict[str, Any]) -> SyncState:
@@ -38,6 +39,7 @@ class SyncState:
             initial_value=incremental.get("initial_value"),
             backfills=dict(resource.get("backfills", {})),
             last_run=dict(resource.get("last_run", {})),
+            organization_id=resource.get("organization_id"),
         )
 
     @classmethod
