@@ -38,7 +38,7 @@ def test_sync_from_another_directory_with_config_from_env_and_dot_dlt(workdir, s
     assert "Loaded 700 new rows" in result.stdout
     windows = (pendulum.now("UTC") - start).total_seconds() // (6 * 3600) + 1
     assert f"Fetched {int(windows)} windows" in result.stdout
-    assert {r["query"].get("pageSize") for r in emulator.requests[1:]} == {"50"}
+    assert {r["query"].get("pageSize") for r in emulator.requests[2:]} == {"50"}
     assert_table_equals(tmp_path / "warehouse.duckdb", store.records(), dataset="usage_raw")
     assert API_KEY not in result.stdout + result.stderr
     # state went to DLT_DATA_DIR, not to the home directory

@@ -306,7 +306,7 @@ def test_control_endpoint_answers_only_on_loopback(store: UsageStore) -> None:
 TRANSIENT_FAULTS = {
     "429-with-retry-after": {"rate_limit_rate": 0.3, "retry_after": 0.2},
     "5xx-bursts": {"burst_every": 5, "burst_length": 2},
-    "first-n-failing": {"start_after": 1, "fail_first": 3, "fail_first_with": 503},
+    "first-n-failing": {"start_after": 2, "fail_first": 3, "fail_first_with": 503},
     "truncated-json": {"truncate_rate": 0.3},
     "html-from-proxy-200": {"html_rate": 0.3, "html_status": 200},
     "html-from-proxy-502": {"html_rate": 0.3, "html_status": 502},
@@ -331,7 +331,7 @@ def test_each_transient_fault_alone_is_retried_and_the_table_is_exact(faults, wo
 def test_retry_after_is_honoured(workdir, store, emulator):
     store.add(recent_records(30, days=1))
     # the first two page requests (after the access check) are rate limited
-    emulator.set_faults(start_after=1, fail_first=2, fail_first_with=429, retry_after=1.0)
+    emulator.set_faults(start_after=2, fail_first=2, fail_first_with=429, retry_after=1.0)
 
     sync(emulator, max_attempts=4)
 
@@ -347,7 +347,7 @@ def test_retry_after_is_honoured(workdir, store, emulator):
 
 def test_a_hang_longer_than_the_client_timeout_is_retried(workdir, store, emulator):
     store.add(recent_records(30, days=1))
-    emulator.set_faults(start_after=1, fail_first=1, fail_first_with="hang", hang_seconds=8)
+    emulator.set_faults(start_after=2, fail_first=1, fail_first_with="hang", hang_seconds=8)
 
     started = time.monotonic()
     result = sync(emulator, max_attempts=3, timeout=1.0)
@@ -393,7 +393,7 @@ def test_a_server_that_never_recovers_fails_in_bounded_time_and_writes_nothing(f
     sync(emulator)
     before_rows, before_cursor = table_rows(workdir / DB), cursor_now()
     store.add(make_records(pendulum.now("UTC").subtract(minutes=30), 3, "new"))
-    emulator.set_faults(start_after=1, **faults)  # the access check passes, then nothing does
+    emulator.set_faults(start_after=2, **faults)  # the identity and access checks pass, then nothing does
 
     started = time.monotonic()
     with pytest.raises(Exception, match=message):
@@ -406,7 +406,7 @@ def test_a_server_that_never_recovers_fails_in_bounded_time_and_writes_nothing(f
 
 def test_a_server_that_never_recovers_fails_in_bounded_time_even_with_the_most_attempts(workdir, store, emulator, monkeypatch):
     store.add(recent_records(20, days=1))
-    emulator.set_faults(start_after=1, error_rate=1.0, error_statuses=[503])
+    emulator.set_faults(start_after=2, error_rate=1.0, error_statuses=[503])
     # The client's waits are recorded, not slept: the test takes a second, whatever they add up to.
     waits: list[float] = []
     real_sleep = time.sleep

@@ -163,13 +163,14 @@ def echo(secret: str, status: int, html: bool = False) -> Any:
     """A server that fails every usage list request and echoes the key back, as a broken proxy might."""
 
     def fault(request: dict) -> Any:
-        if status == 401 or (request.get("body") or {}).get("pagination", {}).get("pageSize") != 1:
+        check = request["path"].endswith("GetAuthenticatedIdentity") or (request.get("body") or {}).get("pagination", {}).get("pageSize") == 1
+        if status == 401 or not check:
             if html:
                 return status, f"<html><body>Bearer {secret} is not welcome here</body></html>".encode(), {"Content-Type": "text/html"}
             code = "unauthenticated" if status == 401 else "internal"
             body = f'{{"code":"{code}","message":"token {secret} rejected; Authorization: Bearer {secret}"}}'
             return status, body.encode(), {"X-Echo": secret}
-        return None  # the access check passes: the run fails later, inside dlt's extract step
+        return None  # the identity and access checks pass: the run fails later, inside dlt's extract step
 
     return fault
 

@@ -55,7 +55,7 @@ def days_ago(days: int) -> str:
 def test_hanging_requests_are_hedged_and_the_table_is_exact(workdir, store, emulator):
     store.add(recent_records(5_000, days=12))
     # one request in 25 hangs for 40 s, longer than anything here waits; the access check does not
-    emulator.set_faults(seed=3, start_after=1, hang_rate=0.04, hang_seconds=40)
+    emulator.set_faults(seed=3, start_after=2, hang_rate=0.04, hang_seconds=40)
 
     started = time.monotonic()
     result = run_sync(config(emulator, start_date=days_ago(13), page_size=20))

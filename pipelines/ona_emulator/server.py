@@ -283,7 +283,7 @@ class EmulatorServer:
             if kind == "hang":
                 self._stopping.wait(injector.config.hang_seconds)
             try:
-                if catalog.match(path):  # names lists: no paging faults, the rest applies
+                if catalog.match(path) or path.endswith(catalog.IDENTITY):  # no paging faults, the rest applies
                     response = self._answer(method, path, query, body, body_error, authorization)
                 else:
                     list_request = self._list_request(method, path, query, body, body_error, authorization)
