@@ -195,3 +195,56 @@ def test_the_demo_keeps_its_synthetic_organization_apart(tmp_path, monkeypatch, 
     assert cli_main(["demo", "--records", "300", "--days", "3"]) == 0
     assert (tmp_path / "ona_usage_demo.duckdb").exists() and not (tmp_path / DB).exists()
     assert not (tmp_path / "dlt-data" / "pipelines" / "ona_usage").exists()
+
+
+def test_the_report_shows_names_cost_the_previous_period_and_a_partial_day(workdir, monkeypatch, tmp_path):
+    from test_report import chromium, parse, run_chromium, table_rows as shown_rows
+
+    configure(monkeypatch)
+    store = organisation()
+    with EmulatorServer(store, api_key=API_KEY) as emulator:
+        sync(emulator)
+    out = tmp_path / "report.html"
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    assert cli_main(["report", "--quiet", "--start", pendulum.now("UTC").subtract(days=3).to_date_string(), "--out", str(out)]) == 0
+
+    browser = chromium()
+    dom = parse(run_chromium(browser, tmp_path / "profile", "--dump-dom", out.as_uri()).stdout)
+    start, end = date.fromisoformat(dom.by_id("period").attrs["data-start"]), date.fromisoformat(dom.by_id("period").attrs["data-end"])
+    conn = duckdb.connect(str(workdir / DB), read_only=True)
+
+    def total(column: str, since: date, until: date) -> float:
+        return conn.execute(f"SELECT SUM({column}) FROM ona.environment_usage_daily WHERE usage_date >= ? AND usage_date < ?",
+                            [since, until]).fetchone()[0]
+
+    users = dict(conn.execute("SELECT user_id, MAX(user_name) FROM ona.environment_usage_daily GROUP BY 1").fetchall())
+    newest = conn.execute("SELECT MAX(stopped_at) FROM ona.environment_usage_records").fetchone()[0]
+    before = start - (end - start)
+    assert float(dom.by_id("total-hours").attrs["data-value"]) == pytest.approx(total("runtime_hours", start, end))
+    assert float(dom.by_id("total-cost").attrs["data-value"]) == pytest.approx(total("cost", start, end))
+    assert "EUR" in dom.by_id("total-cost").text
+    assert float(dom.by_id("total-hours-change").attrs["data-previous"]) == pytest.approx(total("runtime_hours", before, start))
+    assert float(dom.by_id("total-cost-change").attrs["data-previous"]) == pytest.approx(total("cost", before, start))
+    # names, not ids: the hostile one as text, someone who left by the id
+    labels = {label for label, _, _ in shown_rows(dom, "top-users")}
+    assert '<script>alert("x")</script> & Co' in labels and "Zoë Ångström" in labels
+    assert LEFT in labels and users[LEFT] is None  # someone who left: by id, with no name
+    assert not dom.find_all("script")
+    # the last day is partial (data through this morning), and says so
+    assert dom.by_id("data-through").attrs["data-through"].startswith(newest.astimezone(timezone.utc).date().isoformat())
+    assert dom.find_all("text", "partial-mark") and all(b.attrs["data-day"] == str(end - timedelta(days=1)) for b in dom.find_all("rect", "partial"))
+    for ident in ("top-projects", "top-environment-classes", "top-runners"):
+        assert shown_rows(dom, ident)
+    conn.close()
+
+
+def test_the_out_extension_chooses_the_format_and_a_clash_is_an_error(workdir, store, emulator, capsys, monkeypatch):
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    store.add(recent_records(100, days=2))
+    assert cli_main(["sync", "--quiet", "--base-url", emulator.url, "--start", pendulum.now("UTC").subtract(days=3).to_date_string()]) == 0
+    assert cli_main(["report", "--quiet", "--out", str(workdir / "chart.png")]) == 0
+    assert (workdir / "chart.png").read_bytes().startswith(b"\x89PNG")
+    capsys.readouterr()
+    assert cli_main(["report", "--format", "html", "--out", str(workdir / "chart2.png")]) == 2
+    assert capsys.readouterr().err == (f"ona-usage: error: --format html and --out {workdir / 'chart2.png'} disagree; "
+                                       "drop one, or give the file a .html name\n")

@@ -48,7 +48,8 @@ def organisation() -> list[dict[str, Any]]:
 def sync_into(root: Path, records: list[dict[str, Any]]) -> None:
     store = UsageStore()
     store.add(records)
-    store.names = {HOSTILE_PROJECT: HOSTILE_PROJECT}  # the API's name for it is just as hostile
+    # the API's names for them are just as hostile
+    store.names = {HOSTILE_PROJECT: HOSTILE_PROJECT, HOSTILE_USER: HOSTILE_USER}
     with EmulatorServer(store, api_key=API_KEY) as server:
         run_sync(config(server, start_date=pendulum.now("UTC").subtract(days=45).to_date_string()))
 
@@ -98,7 +99,7 @@ def sql_totals(db: Path, start: date, end: date) -> tuple[float, int, int, int]:
     return float(row[0]), int(row[1]), int(row[2]), int(row[3])
 
 
-NAME_COLUMNS = {"project_id": "project_name", "environment_class_id": "environment_class_name"}
+NAME_COLUMNS = {"project_id": "project_name", "environment_class_id": "environment_class_name", "user_id": "user_name"}
 
 
 def view_columns(db: Path) -> set[str]:

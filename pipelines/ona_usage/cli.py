@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--start", metavar="DATE", help="first day (default: 30 days before the last day with data)")
     report.add_argument("--end", metavar="DATE", help="end day, exclusive (default: the day after the last data)")
     report.add_argument("--by", choices=("project", "environment_class"), default="project", help="stack the chart by (default project)")
-    report.add_argument("--format", dest="fmt", choices=("html", "png"), default="html", help="html page or png chart (default html)")
-    report.add_argument("--out", metavar="FILE", help="where to write it (default ona-usage-report.html or .png)")
+    report.add_argument("--format", dest="fmt", choices=("html", "png"), help="html page or png chart (default: from --out's extension, else html)")
+    report.add_argument("--out", metavar="FILE", help="where to write it; .png implies --format png (default ona-usage-report.html or .png)")
 
     reset = command(
         "reset",
@@ -370,9 +370,10 @@ def cmd_report(args: argparse.Namespace, secrets: Secrets) -> int:
     config = resolve(args, secrets)
     start = settings.parse_date(args.start, "--start").date() if args.start else None
     end = settings.parse_date(args.end, "--end").date() if args.end else None
-    out = Path(args.out or f"ona-usage-report.{args.fmt}")
+    fmt = report_format(args.fmt, args.out)
+    out = Path(args.out or f"ona-usage-report.{fmt}")
     with reading(config) as pipeline:
-        summary = build_report(pipeline, out, start=start, end=end, by=args.by, fmt=args.fmt)
+        summary = build_report(pipeline, out, start=start, end=end, by=args.by, fmt=fmt)
     if not args.quiet:
         print(
             f"Wrote {summary.path}: {summary.start} to {summary.end} (exclusive), {summary.total_hours:,.1f} runtime "
@@ -396,6 +397,16 @@ def cmd_reset(args: argparse.Namespace, secrets: Secrets) -> int:
     dropped = reset(config)
     print("Dropped the table and the sync state." if dropped else "Nothing to reset: this pipeline never loaded.")
     return 0
+
+
+def report_format(fmt: str | None, out: str | None) -> str:
+    """`--format`, or what `--out`'s extension says; the two must not disagree."""
+    from pathlib import Path
+
+    implied = {".png": "png", ".html": "html", ".htm": "html"}.get(Path(out).suffix.lower()) if out else None
+    if fmt and implied and fmt != implied:
+        raise ConfigError(f"--format {fmt} and --out {out} disagree; drop one, or give the file a .{fmt} name")
+    return fmt or implied or "html"
 
 
 def _with_progress(args: argparse.Namespace, label: str, run: Any) -> Any:

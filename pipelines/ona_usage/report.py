@@ -29,6 +29,7 @@ import dlt
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
 from ona_usage.models import DAILY_MODEL
+from ona_usage.state import RESOURCE_NAME
 from ona_usage.settings import ConfigError
 
 DEFAULT_DAYS = 30
@@ -41,7 +42,17 @@ DIMENSIONS = {
     "project": ("project_id", "project_name", "(no project)", "project"),
     "environment_class": ("environment_class_id", "environment_class_name", "(no environment class)", "environment class"),
 }
-USER = ("user_id", None, "(no user)", "user")
+USER = ("user_id", "user_name", "(no user)", "user")
+RUNNER = ("runner_id", "runner_name", "(no runner)", "runner")
+# The breakdown tables: (element id, title, column heading, dimension).
+BREAKDOWNS = (
+    ("top-users", "Top users", "User", USER),
+    ("top-projects", "Top projects", "Project", DIMENSIONS["project"]),
+    ("top-environment-classes", "Environment classes", "Environment class", DIMENSIONS["environment_class"]),
+    ("top-runners", "Runners", "Runner", RUNNER),
+)
+WEEKLY_AFTER_DAYS = 92  # a longer period is drawn a bar a week
+MONTHLY_AFTER_DAYS = 400  # and a longer one still a bar a month
 # Tableau 10 (matplotlib's tab10) for the top series; grey for "other".
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 OTHER_COLOUR = "#9e9e9e"
@@ -76,6 +87,19 @@ class Group:
     label: str
     hours: float
     runs: int
+    cost: float | None = None  # None where some of its hours have no rate
+
+
+@dataclass(frozen=True)
+class Totals:
+    """A period's totals; cost only where a rate card prices the hours."""
+
+    hours: float
+    runs: int
+    users: int
+    projects: int
+    cost: float | None
+    unpriced_hours: float
 
 
 @dataclass
@@ -92,8 +116,22 @@ class ReportData:
     series: list[str]  # stack order: biggest first, "other" last
     stacks: dict[str, list[float]]  # series label -> hours per day, aligned with `days`
     series_hours: dict[str, float]
-    top_users: list[Group]
-    top_projects: list[Group]
+    breakdowns: dict[str, list[Group]]  # by BREAKDOWNS id
+    totals: Totals
+    previous: Totals  # the period of the same length just before
+    bucket: str  # "day", "week" or "month": what a bar is
+    currency: str | None
+    data_through: datetime | None  # the newest stoppedAt loaded
+    last_sync: datetime | None  # when the newest load finished
+    partial: date | None  # the bar whose bucket the data does not cover whole yet
+
+    @property
+    def top_users(self) -> list[Group]:
+        return self.breakdowns["top-users"]
+
+    @property
+    def top_projects(self) -> list[Group]:
+        return self.breakdowns["top-projects"]
 
 
 def build_report(
@@ -130,7 +168,7 @@ def build_report(
         by=by,
         start=data.start,
         end=data.end,
-        days=len(data.days),
+        days=(data.end - data.start).days,
         total_hours=data.total_hours,
         total_runs=data.total_runs,
         active_users=data.active_users,
@@ -155,30 +193,25 @@ def collect(pipeline: dlt.Pipeline, *, start: date | None, end: date | None, by:
                 f"the table {view} does not exist yet; run `ona-usage sync` first (it is refreshed after every load)"
             ) from None
         start, end = _period(client, view, start, end)
+        span = end - start
         where = "usage_date >= %s AND usage_date < %s"
         bounds = (start, end)
-
-        hours, runs, users, projects = _rows(
-            client,
-            f"SELECT SUM(runtime_hours), SUM(runs), COUNT(DISTINCT user_id), COUNT(DISTINCT project_id) "
-            f"FROM {view} WHERE {where}",
-            *bounds,
-        )[0]
-
+        priced = "cost" in columns
+        totals = _totals(client, view, where, bounds, priced)
+        previous = _totals(client, view, where, (start - span, start), priced)
         id_column = DIMENSIONS[by][0]
-        groups = _groups(client, view, where, bounds, DIMENSIONS[by], columns)
         per_day = _rows(
             client,
             f"SELECT usage_date, {id_column}, SUM(runtime_hours) FROM {view} WHERE {where} GROUP BY usage_date, {id_column}",
             *bounds,
         )
-        top_users = _groups(client, view, where, bounds, USER, columns)[:TOP_ROWS]
-        if by == "project":
-            top_projects = groups[:TOP_ROWS]
-        else:
-            top_projects = _groups(client, view, where, bounds, DIMENSIONS["project"], columns)[:TOP_ROWS]
+        breakdowns = {ident: _groups(client, view, where, bounds, dimension, columns) for ident, _, _, dimension in BREAKDOWNS}
+        groups = breakdowns["top-projects"] if by == "project" else breakdowns["top-environment-classes"]
+        currency = _rows(client, f"SELECT MAX(currency) FROM {view} WHERE {where}", *bounds)[0][0] if priced else None
+        data_through, last_sync = _freshness(client)
 
-    days = [start + timedelta(days=i) for i in range((end - start).days)]
+    bucket = "month" if span.days > MONTHLY_AFTER_DAYS else "week" if span.days > WEEKLY_AFTER_DAYS else "day"
+    buckets = _buckets(start, end, bucket)
     # an "other" of a single series would say less than that series' own name
     shown = groups if len(groups) <= TOP_SERIES + 1 else groups[:TOP_SERIES]
     labels = _unique_labels(shown, reserved={OTHER} if len(shown) < len(groups) else set())
@@ -186,10 +219,10 @@ def collect(pipeline: dlt.Pipeline, *, start: date | None, end: date | None, by:
     series = list(labels)
     if len(shown) < len(groups):
         series.append(OTHER)
-    index = {day: i for i, day in enumerate(days)}
-    stacks = {name: [0.0] * len(days) for name in series}
+    index = {first: i for i, first in enumerate(buckets)}
+    stacks = {name: [0.0] * len(buckets) for name in series}
     for usage_date, key, day_hours in per_day:
-        i = index.get(_as_date(usage_date))
+        i = index.get(_bucket_of(_as_date(usage_date), bucket))
         if i is not None and day_hours:
             stacks[series_of.get(key, OTHER)][i] += float(day_hours)
     series_hours = {name: math.fsum(values) for name, values in stacks.items()}
@@ -198,17 +231,90 @@ def collect(pipeline: dlt.Pipeline, *, start: date | None, end: date | None, by:
         by=by,
         start=start,
         end=end,
-        total_hours=float(hours or 0.0),
-        total_runs=int(runs or 0),
-        active_users=int(users or 0),
-        projects=int(projects or 0),
-        days=days,
+        total_hours=totals.hours,
+        total_runs=totals.runs,
+        active_users=totals.users,
+        projects=totals.projects,
+        days=buckets,
         series=series,
         stacks=stacks,
         series_hours=series_hours,
-        top_users=top_users,
-        top_projects=top_projects,
+        breakdowns={ident: rows[:TOP_ROWS] for ident, rows in breakdowns.items()},
+        totals=totals,
+        previous=previous,
+        bucket=bucket,
+        currency=currency,
+        data_through=data_through,
+        last_sync=last_sync,
+        partial=_partial_bucket(buckets, bucket, end, data_through),
     )
+
+
+def _totals(client: Any, view: str, where: str, bounds: tuple[date, date], priced: bool) -> Totals:
+    cost = "SUM(cost), SUM(CASE WHEN cost IS NULL THEN runtime_hours ELSE 0 END)" if priced else "NULL, NULL"
+    hours, runs, users, projects, total_cost, unpriced = _rows(
+        client,
+        f"SELECT SUM(runtime_hours), SUM(runs), COUNT(DISTINCT user_id), COUNT(DISTINCT project_id), {cost} "
+        f"FROM {view} WHERE {where}",
+        *bounds,
+    )[0]
+    return Totals(
+        hours=float(hours or 0.0),
+        runs=int(runs or 0),
+        users=int(users or 0),
+        projects=int(projects or 0),
+        cost=None if total_cost is None else float(total_cost),
+        unpriced_hours=float(unpriced or 0.0),
+    )
+
+
+def _freshness(client: Any) -> tuple[datetime | None, datetime | None]:
+    """The newest `stoppedAt` in the table, and when the newest load finished."""
+    records = client.make_qualified_table_name(RESOURCE_NAME)
+    loads = client.make_qualified_table_name("_dlt_loads")
+    through = _rows(client, f"SELECT MAX(stopped_at) FROM {records}")[0][0]
+    synced = _rows(client, f"SELECT MAX(inserted_at) FROM {loads} WHERE status = 0")[0][0]
+    return _utc(through), _utc(synced)
+
+
+def _utc(value: Any) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _bucket_of(day: date, bucket: str) -> date:
+    if bucket == "week":
+        return day - timedelta(days=day.weekday())  # weeks start on Monday
+    if bucket == "month":
+        return day.replace(day=1)
+    return day
+
+
+def _buckets(start: date, end: date, bucket: str) -> list[date]:
+    firsts: list[date] = []
+    day = start
+    while day < end:
+        first = _bucket_of(day, bucket)
+        if not firsts or firsts[-1] != first:
+            firsts.append(first)
+        day += timedelta(days=1)
+    return firsts
+
+
+def _partial_bucket(buckets: list[date], bucket: str, end: date, through: datetime | None) -> date | None:
+    """The bar that holds the newest data, when its days are not all over yet (today, say).
+
+    Drawn as partial, not as a collapse: its hours are what is known so far.
+    """
+    if through is None or not buckets:
+        return None
+    first = _bucket_of(through.date(), bucket)
+    if first not in buckets:
+        return None
+    following = buckets[buckets.index(first) + 1] if first != buckets[-1] else end
+    bucket_end = datetime(following.year, following.month, following.day, tzinfo=timezone.utc)
+    return first if through < bucket_end - timedelta(microseconds=1) and through.date() >= buckets[-1] else None
 
 
 def _check_duckdb_file(pipeline: dlt.Pipeline) -> None:
@@ -260,14 +366,22 @@ def _groups(
     """Hours and runs per id over the period, biggest first, labelled by name where there is one."""
     id_column, name_column, null_label, _ = dimension
     name = f"MAX({name_column})" if name_column and name_column in columns else "NULL"
+    # a group's cost only if every one of its rows is priced: never a partial sum
+    cost = "CASE WHEN COUNT(cost) = COUNT(*) THEN SUM(cost) END" if "cost" in columns else "NULL"
     rows = _rows(
         client,
-        f"SELECT {id_column}, {name}, SUM(runtime_hours), SUM(runs) FROM {view} WHERE {where} GROUP BY {id_column}",
+        f"SELECT {id_column}, {name}, SUM(runtime_hours), SUM(runs), {cost} FROM {view} WHERE {where} GROUP BY {id_column}",
         *bounds,
     )
     groups = [
-        Group(key=key, label=_label(key, label, null_label), hours=float(hours or 0.0), runs=int(runs or 0))
-        for key, label, hours, runs in rows
+        Group(
+            key=key,
+            label=_label(key, label, null_label),
+            hours=float(hours or 0.0),
+            runs=int(runs or 0),
+            cost=None if group_cost is None else float(group_cost),
+        )
+        for key, label, hours, runs, group_cost in rows
     ]
     return sorted(groups, key=group_order)
 
@@ -335,16 +449,35 @@ def render_html(data: ReportData) -> str:
         f'<span class="series-name">{e(name)}</span> <span class="muted">{_hours(data.series_hours[name])} h</span></li>'
         for name in data.series
     )
+    now, before = data.totals, data.previous
+    cards = [
+        ("Runtime hours", "total-hours", now.hours, before.hours, _hours(now.hours)),
+        ("Runs", "total-runs", now.runs, before.runs, f"{now.runs:,}"),
+        ("Active users", "active-users", now.users, before.users, f"{now.users:,}"),
+        ("Projects", "total-projects", now.projects, before.projects, f"{now.projects:,}"),
+    ]
+    if now.cost is not None:
+        cards.append(("Cost", "total-cost", now.cost, before.cost, _money(now.cost, data.currency)))
+    span = (data.end - data.start).days
     totals = "\n".join(
         f'<div class="card"><div class="card-label">{label}</div>'
-        f'<div class="card-value"><span id="{ident}" data-value="{value!r}">{text}</span></div></div>'
-        for label, ident, value, text in (
-            ("Runtime hours", "total-hours", data.total_hours, _hours(data.total_hours)),
-            ("Runs", "total-runs", data.total_runs, f"{data.total_runs:,}"),
-            ("Active users", "active-users", data.active_users, f"{data.active_users:,}"),
-            ("Projects", "total-projects", data.projects, f"{data.projects:,}"),
-        )
+        f'<div class="card-value"><span id="{ident}" data-value="{value!r}">{text}</span></div>'
+        f'{_change(ident, value, previous, span)}</div>'
+        for label, ident, value, previous, text in cards
     )
+    freshness = (
+        f'<p class="freshness muted" id="data-through" data-through="{e(_iso(data.data_through))}" '
+        f'data-last-sync="{e(_iso(data.last_sync))}">Data through {e(_when(data.data_through))} '
+        f"(the newest run that stopped) · last sync {e(_when(data.last_sync))}"
+        + (f' · <span class="partial-note">the {e(data.bucket)} of {e(data.partial.isoformat())} is partial: it shows what is known so far</span>' if data.partial else "")
+        + "</p>"
+    )
+    unpriced = (
+        f" {_hours(now.unpriced_hours)} of the hours have no rate in the rate card, so no cost."
+        if now.cost is not None and now.unpriced_hours > 0
+        else ""
+    )
+    tables = "\n".join(_table(ident, title, what, data.breakdowns[ident], priced=now.cost is not None) for ident, title, what, _ in BREAKDOWNS)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -360,26 +493,27 @@ def render_html(data: ReportData) -> str:
 <header>
 <h1>Ona environment usage</h1>
 <p class="period" id="period" data-start="{e(data.start.isoformat())}" data-end="{e(data.end.isoformat())}">
-{e(period)} <span class="muted">({len(data.days)} days, UTC)</span></p>
+{e(period)} <span class="muted">({(data.end - data.start).days} days, UTC)</span></p>
 </header>
+{freshness}
 <section class="totals" aria-label="Totals">
 {totals}
 </section>
 <section class="chart-section">
-<h2>Runtime hours per day, by {e(noun)}</h2>
+<h2>Runtime hours per {e(data.bucket)}, by {e(noun)}</h2>
 {render_svg(data, palette)}
 <ul class="legend" id="legend">
 {legend}
 </ul>
 </section>
 <div class="tables">
-{_table("top-users", "Top users", "User", data.top_users)}
-{_table("top-projects", "Top projects", "Project", data.top_projects)}
+{tables}
 </div>
 <footer class="muted">
 Generated {e(generated)} from <code>{e(data.view)}</code>, days {e(data.start.isoformat())} up to
-but not including {e(data.end.isoformat())}. Runtime is split across the UTC days a run spans;
-a run counts on the day it stopped.
+but not including {e(data.end.isoformat())}; changes are against the {span} days before. Runtime is split
+across the UTC days a run spans; a run counts on the day it stopped. Cost is hours times the rate valid
+that day.{e(unpriced)}
 </footer>
 </main>
 </body>
@@ -397,7 +531,12 @@ h1 { font-size: 24px; margin: 0 0 2px; }
 h2 { font-size: 16px; margin: 0 0 12px; }
 .period { margin: 0 0 18px; font-size: 15px; }
 .muted { color: #69707d; }
-.totals { display: grid; grid-template-columns: repeat(4, 1fr); gap: 12px; margin-bottom: 18px; }
+.totals { display: grid; grid-template-columns: repeat(auto-fit, minmax(170px, 1fr)); gap: 12px; margin-bottom: 18px; }
+.freshness { margin: -10px 0 14px; font-size: 12px; }
+.change { font-size: 12px; color: #69707d; }
+.change.up { color: #1a7f37; } .change.down { color: #b42318; }
+.chart .partial { opacity: .45; }
+.chart .partial-mark { font-size: 11px; fill: #69707d; }
 .card, .chart-section, .table-card { background: #fff; border: 1px solid #e1e4ea; border-radius: 8px; }
 .card { padding: 12px 16px; }
 .card-label { color: #69707d; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
@@ -454,6 +593,7 @@ def render_svg(data: ReportData, palette: dict[str, str]) -> str:
     for i, day in enumerate(data.days):
         x = left + i * slot + (slot - bar_w) / 2
         base = 0.0
+        partial = day == data.partial
         for name in data.series:
             hours = data.stacks[name][i]
             if hours <= 0:
@@ -462,10 +602,14 @@ def render_svg(data: ReportData, palette: dict[str, str]) -> str:
             h = hours / y_top * plot_h
             base += hours
             parts.append(
-                f'<rect class="bar" x="{x:.2f}" y="{y0:.2f}" width="{bar_w:.2f}" height="{h:.2f}" fill="{palette[name]}" '
-                f'data-day="{day.isoformat()}" data-series="{e(name)}" data-hours="{hours!r}">'
-                f"<title>{day.isoformat()} · {e(name)}: {_hours(hours)} h</title></rect>"
+                f'<rect class="bar{" partial" if partial else ""}" x="{x:.2f}" y="{y0:.2f}" width="{bar_w:.2f}" '
+                f'height="{h:.2f}" fill="{palette[name]}" data-day="{day.isoformat()}" data-series="{e(name)}" '
+                f'data-hours="{hours!r}"><title>{day.isoformat()} · {e(name)}: {_hours(hours)} h'
+                f'{" (partial)" if partial else ""}</title></rect>'
             )
+        if partial:
+            y = top + plot_h - base / y_top * plot_h - 4
+            parts.append(f'<text class="partial-mark" id="partial-mark" x="{x + bar_w / 2:.2f}" y="{y:.2f}" text-anchor="middle">partial</text>')
     parts.append("</g>")
     parts.append('<g class="axis x-axis">')
     parts.append(
@@ -495,25 +639,57 @@ def nice_ticks(peak: float, target: int = 5) -> list[float]:
     return [i * step for i in range(n + 1)]
 
 
-def _table(ident: str, title: str, what: str, groups: Sequence[Group]) -> str:
+def _table(ident: str, title: str, what: str, groups: Sequence[Group], *, priced: bool = False) -> str:
     e = _escape
     rows = []
     for rank, g in enumerate(groups, start=1):
         key = "" if g.key is None else str(g.key)
         shown_id = f'<span class="id">{e(key)}</span>' if key and key != g.label else ""
+        cost = ""
+        if priced:
+            shown = "—" if g.cost is None else f"{g.cost:,.2f}"
+            cost = f'<td class="num cost" data-value="{"" if g.cost is None else repr(g.cost)}">{shown}</td>'
         rows.append(
-            f'<tr data-key="{e(key)}"><td class="num">{rank}</td>'
+            f'<tr data-key="{e(key)}" title="{e(key)}"><td class="num">{rank}</td>'
             f'<td class="name"><span class="label">{e(g.label)}</span>{shown_id}</td>'
             f'<td class="num hours" data-value="{g.hours!r}">{_hours(g.hours)}</td>'
-            f'<td class="num runs" data-value="{g.runs}">{g.runs:,}</td></tr>'
+            f'<td class="num runs" data-value="{g.runs}">{g.runs:,}</td>{cost}</tr>'
         )
     if not rows:
-        rows.append('<tr><td colspan="4" class="muted">No usage in this period</td></tr>')
+        rows.append(f'<tr><td colspan="{5 if priced else 4}" class="muted">No usage in this period</td></tr>')
+    cost_heading = '<th class="num">Cost</th>' if priced else ""
     return (
         f'<section class="table-card"><h2>{e(title)}</h2>\n<table id="{ident}">\n'
-        f'<thead><tr><th class="num">#</th><th>{e(what)}</th><th class="num">Hours</th><th class="num">Runs</th></tr></thead>\n'
+        f'<thead><tr><th class="num">#</th><th>{e(what)}</th><th class="num">Hours</th><th class="num">Runs</th>{cost_heading}</tr></thead>\n'
         f"<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table></section>"
     )
+
+
+def _change(ident: str, value: float, previous: float | None, days: int) -> str:
+    """The change against the period before, e.g. "+12.5% vs the 30 days before"."""
+    if previous is None:
+        return ""
+    if previous == 0:
+        text, direction = ("new" if value else "no change"), "up" if value else ""
+    else:
+        ratio = (value - previous) / previous
+        text, direction = f"{ratio:+.1%}", "up" if ratio > 0 else "down" if ratio < 0 else ""
+    return (
+        f'<div class="change {direction}" id="{ident}-change" data-previous="{previous!r}">'
+        f"{_escape(text)} vs the {days} days before</div>"
+    )
+
+
+def _money(value: float, currency: str | None) -> str:
+    return f"{value:,.2f}" + (f" {currency}" if currency else "")
+
+
+def _iso(value: datetime | None) -> str:
+    return value.isoformat() if value else ""
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value else "unknown"
 
 
 def _escape(value: Any) -> str:
@@ -556,9 +732,13 @@ def render_png(data: ReportData) -> bytes:
     palette = colours(data.series)
     x = mdates.date2num(data.days)  # numbers, not dates: a date drops a fraction of a day
     base = [0.0] * len(data.days)
+    width = {"day": 0.8, "week": 5.6, "month": 24.0}[data.bucket]
+    alphas = [0.45 if day == data.partial else 1.0 for day in data.days]  # a partial bar reads as such
     for name in data.series:
         values = data.stacks[name]
-        axes.bar(x, values, bottom=base, width=0.8, color=palette[name], label=_plain(name), linewidth=0)
+        bars = axes.bar(x, values, bottom=base, width=width, color=palette[name], label=_plain(name), linewidth=0)
+        for bar, alpha in zip(bars, alphas):
+            bar.set_alpha(alpha)
         base = [b + v for b, v in zip(base, values)]
     last_day = data.end - timedelta(days=1)
     noun = DIMENSIONS[data.by][3]
