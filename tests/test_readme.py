@@ -54,18 +54,40 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp, EmulatorServer(store, api_key=API_KEY) as server:
         isolate(mp, root)
         mp.setenv("ONA_API_KEY", API_KEY)
+        (root / ".dlt").mkdir()
+        (root / ".dlt" / "config.toml").write_text(rate_card_example())  # the README's own rate card
         assert cli_main(["sync", "--quiet", "--base-url", server.url, "--start-date", start.to_date_string()]) == 0
     return root
 
 
+def rate_card_example() -> str:
+    (toml,) = blocks("toml", section("### Cost: a rate card"))
+    return toml
+
+
+def test_the_rate_card_example_is_read_as_three_rates(warehouse, monkeypatch):
+    from ona_usage import settings
+
+    monkeypatch.chdir(warehouse)
+    rates = settings.resolve({}).rate_card
+    assert [(r.environment_class, r.credits_per_hour, r.valid_from and r.valid_from.isoformat(), r.credit_price, r.currency) for r in rates] == [
+        ("Small (2 vCPU, 8 GiB)", 1.0, None, 0.10, "USD"),
+        ("Regular (4 vCPU, 16 GiB)", 2.0, None, 0.10, "USD"),
+        ("Regular (4 vCPU, 16 GiB)", 2.5, "2026-10-01", 0.10, "USD"),
+    ]
+    with duckdb.connect(str(warehouse / DB), read_only=True) as conn:
+        priced = conn.execute("SELECT count(*) FILTER (WHERE cost IS NOT NULL), count(*) FROM ona.environment_usage_daily").fetchone()
+    assert 0 < priced[0] < priced[1]  # the example's classes are priced, the demo's others are not
+
+
 def test_every_question_runs_and_answers(warehouse):
-    questions = blocks("sql", README[README.index("### Five questions") : README.index("### A report to look at")])
-    assert len(questions) == 5
+    questions = blocks("sql", README[README.index("### Questions people ask") : README.index("### A report to look at")])
+    assert len(questions) == 9
     with duckdb.connect(str(warehouse / DB), read_only=True) as conn:
         for sql in questions:
             rows = conn.execute(sql).fetchall()
             assert rows, sql
-            assert all(value is not None for value in rows[0][1:]), sql  # figures, not nulls
+            assert all(value is not None for value in rows[0][-2:]), sql  # figures, not nulls
 
 
 def test_the_opening_one_liners_run_verbatim(warehouse):
