@@ -182,7 +182,7 @@ def test_a_key_of_another_organization_fails_before_writing(workdir, store, emul
 
     err = capsys.readouterr().err
     assert code == 2
-    assert err == (f"ona-usage: error: pipeline 'ona_usage' syncs organization 0c0ffee0-0000-4000-8000-00000000000a, but the API key "
+    assert err == ("ona-usage: error: pipeline 'ona_usage' syncs organization 0c0ffee0-0000-4000-8000-00000000000a, but the API key "
                    "belongs to organization 0c0ffee0-0000-4000-8000-00000000000b; sync it with its own --pipeline-name "
                    "(and --add-organization to share the dataset)\n")
     assert table_rows(workdir / DB) == before_rows

@@ -21,12 +21,11 @@ import pytest
 
 from ona_emulator import EmulatorServer, UsageStore
 from ona_usage import settings
-from ona_usage.cli import main as cli_main
 from ona_usage.client import OnaApiError, UsageClient, _may_follow
 from ona_usage.pipeline import make_pipeline, read_state, run_backfill, run_sync
 from ona_usage.windows import Window, format_rfc3339
 
-from conftest import API_KEY, assert_table_equals, make_records, recent_records, request_ranges, run_cli
+from conftest import API_KEY, assert_table_equals, make_records, recent_records, request_ranges, run_cli, run_here
 
 DB = "ona_usage.duckdb"
 EXE = str(Path(sys.executable).with_name("ona-usage"))
@@ -36,13 +35,6 @@ def config(emulator: EmulatorServer, **options) -> settings.Settings:
     resolved = settings.resolve({"base_url": emulator.url, "backoff": 0.01, **options})
     resolved.api_key = API_KEY
     return resolved
-
-
-def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli_main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def days_ago(days: int) -> str:
@@ -151,10 +143,10 @@ def test_status_report_and_verify_work_beside_a_read_only_reader(workdir, store,
 
     with duckdb.connect(str(workdir / DB), read_only=True) as notebook:  # an analyst's notebook holds the file
         assert run_cli("status", "--json").returncode == 0  # another process
-        code, out, err = cli(capsys, "report", "--out", str(workdir / "r.html"))
+        code, out, err = run_here(capsys, "report", "--out", str(workdir / "r.html"))
         assert code == 0, err
         day = pendulum.now("UTC").start_of("day")
-        code, out, err = cli(capsys, "verify", "--base-url", emulator.url, "--start", day.subtract(days=4).to_date_string(),
+        code, out, err = run_here(capsys, "verify", "--base-url", emulator.url, "--start", day.subtract(days=4).to_date_string(),
                              "--end", day.add(days=1).to_date_string())
         assert code == 0, out + err
         assert notebook.execute("SELECT count(*) FROM ona.environment_usage_records").fetchone() == (300,)
@@ -242,7 +234,7 @@ def test_a_closed_pipe_exits_quietly(workdir, emulator):
 )
 def test_bad_settings_exit_2_with_one_line_before_any_request(args, env, line, workdir, emulator, capsys, monkeypatch):
     monkeypatch.setenv("ONA_API_KEY", API_KEY)
-    code, out, err = cli(capsys, "sync", "--base-url", emulator.url, *args)
+    code, out, err = run_here(capsys, "sync", "--base-url", emulator.url, *args)
     assert code == 2
     assert err == f"ona-usage: error: {line.format(cwd=workdir)}\n"
     assert emulator.requests == [] and not (workdir / DB).exists()
@@ -253,22 +245,22 @@ def test_a_refused_connection_fails_within_seconds_in_one_line(workdir, capsys, 
     with EmulatorServer(UsageStore()) as gone:
         url = gone.url  # a port nothing listens on once it stops
     started = time.monotonic()
-    code, out, err = cli(capsys, "sync", "--base-url", url)
+    code, out, err = run_here(capsys, "sync", "--base-url", url)
     assert time.monotonic() - started < 10
     assert code == 1
-    assert err.count("\n") == 1 and err.startswith(f"ona-usage: error: could not connect to 127.0.0.1: ")
+    assert err.count("\n") == 1 and err.startswith("ona-usage: error: could not connect to 127.0.0.1: ")
     assert "gave up after" in err and not (workdir / DB).exists()
 
 
 def test_summaries_tell_new_rows_from_rows_read_again(workdir, store, emulator, capsys, monkeypatch):
     monkeypatch.setenv("ONA_API_KEY", API_KEY)
     store.add(recent_records(200, days=2))
-    code, out, _ = cli(capsys, "sync", "--base-url", emulator.url, "--start", days_ago(3))
+    code, out, _ = run_here(capsys, "sync", "--base-url", emulator.url, "--start", days_ago(3))
     assert "Loaded 200 new rows into duckdb dataset 'ona', table environment_usage_records; 0 read again" in out
     again = store.records(start=pendulum.instance(read_state(make_pipeline(settings.resolve({}))).fetched_at).subtract(hours=2))
     store.add(recent_records(3, days=0.01, seed=5))  # three new ones in the last minutes
 
-    code, out, _ = cli(capsys, "sync", "--base-url", emulator.url)
+    code, out, _ = run_here(capsys, "sync", "--base-url", emulator.url)
 
     assert code == 0
     assert f"Loaded 3 new rows into duckdb dataset 'ona', table environment_usage_records; {len(again)} read again" in out
@@ -277,27 +269,27 @@ def test_summaries_tell_new_rows_from_rows_read_again(workdir, store, emulator, 
 def test_a_finished_backfill_asks_for_force_and_last_load_is_its_own(workdir, store, emulator, capsys, monkeypatch):
     monkeypatch.setenv("ONA_API_KEY", API_KEY)
     store.add(recent_records(300, days=6))
-    assert cli(capsys, "sync", "--base-url", emulator.url, "--start", days_ago(2))[0] == 0
+    assert run_here(capsys, "sync", "--base-url", emulator.url, "--start", days_ago(2))[0] == 0
     backfill = ["backfill", "--base-url", emulator.url, "--start", days_ago(6), "--end", days_ago(3)]
     started = time.monotonic()
-    code, out, err = cli(capsys, *backfill)
+    code, out, err = run_here(capsys, *backfill)
     took = time.monotonic() - started
     assert code == 0, err
     # on a machine that did not run it (no local trace): the duration comes from the state
     import shutil
 
     shutil.rmtree(workdir / "dlt-data")
-    code, out, err = cli(capsys, "status", "--json")
+    code, out, err = run_here(capsys, "status", "--json")
     assert code == 0, err
     assert 0 <= json.loads(out)["last_load"]["seconds"] <= took  # the backfill's own, not since the sync
 
     emulator.reset_requests()
-    code, out, err = cli(capsys, *backfill)
+    code, out, err = run_here(capsys, *backfill)
     assert code == 0, err
     assert out.startswith(f"Backfill [{days_ago(6)}, {days_ago(3)}) was done before; nothing was fetched. Add --force to fetch it again.")
     assert request_ranges(emulator) == []
 
-    code, out, err = cli(capsys, *backfill, "--force")
+    code, out, err = run_here(capsys, *backfill, "--force")
     assert code == 0 and len(request_ranges(emulator)) == 3
 
 
@@ -318,7 +310,7 @@ def test_a_permanent_redirect_on_the_same_host_is_followed_with_a_warning(workdi
     store.add(recent_records(300, days=2))
     with EmulatorServer(store, api_key=API_KEY, redirects={"/old/": "/api/"}) as server:
         old = server.url.replace("/api", "/old")
-        code, out, err = cli(capsys, "sync", "--base-url", old, "--start", days_ago(3))
+        code, out, err = run_here(capsys, "sync", "--base-url", old, "--start", days_ago(3))
         moved = [r for r in server.requests if r["status"] == 308]
     assert code == 0, err
     assert_table_equals(workdir / DB, store.records())
@@ -330,10 +322,10 @@ def test_a_redirect_elsewhere_is_refused_and_the_key_never_goes_there(workdir, s
     monkeypatch.setenv("ONA_API_KEY", API_KEY)
     with EmulatorServer(store, api_key=API_KEY) as elsewhere, \
             EmulatorServer(store, api_key=API_KEY, redirects={"/api/": elsewhere.url + "/"}) as server:
-        code, out, err = cli(capsys, "sync", "--base-url", server.url, "--start", days_ago(3))
+        code, out, err = run_here(capsys, "sync", "--base-url", server.url, "--start", days_ago(3))
         assert elsewhere.requests == []
     assert code == 1
-    assert err == (f"ona-usage: error: the API redirected (HTTP 308) to 127.0.0.1; not following it with the API key "
+    assert err == ("ona-usage: error: the API redirected (HTTP 308) to 127.0.0.1; not following it with the API key "
                    "(only 307/308 to https://*.ona.com or *.gitpod.io are followed; if that host is right, set --base-url to it)\n")
     assert not (workdir / DB).exists()
 

@@ -237,7 +237,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--duckdb-file",
         metavar="PATH",
-        help=f"the DuckDB file (default: DESTINATION__DUCKDB__CREDENTIALS, else PIPELINE_NAME.duckdb in this directory)",
+        help="the DuckDB file (default: DESTINATION__DUCKDB__CREDENTIALS, else PIPELINE_NAME.duckdb in this directory)",
     )
 
 

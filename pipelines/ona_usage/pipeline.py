@@ -8,7 +8,6 @@ chunk in flight. The names ride with the last chunk; the models are refreshed af
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -116,23 +115,32 @@ def _run(
             state = read_state(pipeline)
             _check_organization(pipeline, config, state, organization_id)
             if windows is None:
-                windows = plan_windows(config, state, now, backfill, force=force)
-                progress = state.backfills.get(backfill_key(*backfill, config.project_id), {}) if backfill else {}
-                result.already_done = bool(progress.get("done")) and not force
-            rows_before = _table_rows(pipeline)
-            fingerprint = inputs_fingerprint(pipeline)
+                windows, result.already_done = _plan(config, state, now, backfill, force)
+            rows_before, fingerprint = _table_rows(pipeline), inputs_fingerprint(pipeline)
             traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result, organization_id)
             if result.chunks and refresh_models(pipeline, unchanged_since=fingerprint):
                 traces.append(pipeline.last_trace)
             _save_trace(pipeline, traces)
             _prune_loaded_packages(pipeline, result)
             result.cursor = read_state(pipeline).cursor
-            if result.chunks and rows_before is not None and (rows_after := _table_rows(pipeline)) is not None:
-                result.rows_new = rows_after - rows_before
+            result.rows_new = _rows_new(pipeline, rows_before) if result.chunks else None
     result.windows, result.pages = stats.windows_done, stats.pages
     result.requests, result.retries, result.hedged = client.requests, client.retries, client.hedged
     result.seconds = time.monotonic() - started
     return result
+
+
+def _plan(
+    config: Settings, state: SyncState, now: pendulum.DateTime, backfill: Range | None, force: bool
+) -> tuple[list[Window], bool]:
+    """The windows to fetch, and whether this is a finished backfill that is not fetched again."""
+    progress = state.backfills.get(backfill_key(*backfill, config.project_id), {}) if backfill else {}
+    return plan_windows(config, state, now, backfill, force=force), bool(progress.get("done")) and not force
+
+
+def _rows_new(pipeline: dlt.Pipeline, before: int | None) -> int | None:
+    after = _table_rows(pipeline) if before is not None else None
+    return None if after is None or before is None else after - before
 
 
 def _load_chunks(

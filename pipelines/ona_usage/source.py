@@ -61,20 +61,22 @@ def ona_usage(
 ) -> list[DltResource]:
     """Ona environment usage records, merged on `id` with a cursor on `stopped_at`, and their names.
 
-    Every argument can also come from `[sources.ona_usage]` in dlt's config, or
-    `SOURCES__ONA_USAGE__<NAME>`; so can `timeout`, `max_attempts`, `backoff` and `names`,
-    exactly as for `ona-usage sync`.
+    Resources: `environment_usage_records` (each row with the key's `organization_id`), the lists
+    `projects`, `environment_classes`, `runners` and `members`, and `rate_card` where one is
+    configured. Every argument can also come from `[sources.ona_usage]` in dlt's config, or
+    `SOURCES__ONA_USAGE__<NAME>`; so can `timeout`, `max_attempts`, `backoff`, `names`,
+    `rate_card`, `rate_card_file`, `credit_price` and `currency`, exactly as for `ona-usage sync`.
 
     Args:
         api_key: Ona API key (personal access token). Falls back to `ONA_API_KEY`, then
             `GITPOD_API_KEY`.
-        base_url: API base URL; defaults to `ONA_BASE_URL`, else `https://app.gitpod.io/api`.
+        base_url: API base URL; defaults to `ONA_BASE_URL`, else `https://app.ona.com/api`.
         start_date: Where the first run starts (ISO date or datetime, UTC); later runs resume
             from the state. Defaults to 30 days before the first run.
         end_date: Exclusive end of a one-off backfill of `[start_date, end_date)`; such a run
             leaves the scheduled cursor alone and resumes after its last committed load.
         project_id: Only records of this project.
-        window: Size of each request's date range: at most `1d`, e.g. `6h`.
+        window: Size of each request's date range, dividing a day evenly: `1d`, `12h`, ... `1h`.
         lookback: How much of the last run's range each run reads again, to catch late records.
         page_size: Records per page, 1 to 100.
         workers: At most this many windows fetched at once.
@@ -217,7 +219,7 @@ def usage_records(
         state = dlt.current.resource_state()
         with contextlib.ExitStack() as stack:
             own = feed or stack.enter_context(_own_feed(config, SyncState.from_resource_state(state), backfill))
-            check_organization(state.get("organization_id"), own.organization_id, config.pipeline_name)
+            check_organization(state.get("organization_id"), own.organization_id, dlt.current.pipeline().pipeline_name)
             yield from _batches(own)
         state["organization_id"] = own.organization_id
         # Reached only when every window of the load was fetched; committed with the rows, or not at all.
