@@ -118,7 +118,8 @@ def test_the_pipeline_folder_does_not_grow_with_scheduled_runs(workdir, store, e
     store.add(recent_records(600, days=3))
     folder = workdir / "dlt-data" / "pipelines" / "ona_usage"
     run_sync(config(emulator, start_date=days_ago(4)))
-    run_sync(config(emulator))
+    store.add(make_records(pendulum.now("UTC").subtract(minutes=40), 20, "run-first"))
+    run_sync(config(emulator))  # a scheduled run with something new: a usage load and a models load
     after_two = folder_size(folder)
     loaded_after_two = sorted(p.name for p in (folder / "load" / "loaded").iterdir())
     for n in range(12):
@@ -126,7 +127,7 @@ def test_the_pipeline_folder_does_not_grow_with_scheduled_runs(workdir, store, e
         run_sync(config(emulator))
 
     loaded = list((folder / "load" / "loaded").iterdir())
-    assert len(loaded) == len(loaded_after_two) == 2  # this command's usage load and its models' load
+    assert len(loaded) == len(loaded_after_two) == 2  # the last command's usage load and its models' load
     assert folder_size(folder) < after_two * 1.25
     assert not list(folder.rglob("*.parquet"))  # no copies of usage data outside the warehouse
     assert_table_equals(workdir / DB, store.records())
@@ -163,15 +164,15 @@ def test_status_answers_while_a_sync_writes_and_report_says_it_is_busy(workdir, 
             "--page-size", "10", "--workers", "1"]
     writer = subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # until the backfill holds the file
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and writer.poll() is None:  # until the backfill holds the file
             try:
                 duckdb.connect(str(workdir / DB), read_only=True).close()
             except duckdb.IOException:
                 break
             time.sleep(0.05)
         else:
-            pytest.fail("the backfill never opened the DuckDB file")
+            pytest.fail(f"the backfill never held the DuckDB file: {writer.poll()=} {writer.stderr.read() if writer.poll() is not None else ''}")
 
         status = run_cli("status", "--json", env=env)
         report = run_cli("report", env=env)

@@ -213,9 +213,7 @@ class UsageClient:
         return [item for items, _ in pages for item in items]
 
     def check_access(self) -> None:
-        """Two cheap requests, so a bad key or URL, or a key that may not list usage, fails before
-        anything touches the warehouse: whose key it is, and one record of the last minute."""
-        self.organization_id()
+        """One cheap request, so a bad key or URL fails before anything touches the warehouse."""
         now = pendulum.now("UTC").start_of("second")
         window = Window(now.subtract(minutes=1), now)
         self._call(self._usage_url, {"pageSize": "1"}, _request_body(window, None, 1), "the access check")

@@ -107,7 +107,7 @@ def _run(
         stats.retries = lambda: client.retries
         # A bad key or URL fails here, before anything touches the destination or the state.
         client.check_access()
-        organization_id = client.organization_id()  # known since the access check
+        organization_id = client.organization_id()  # whose key: it is written with every row
         with pipeline_lock(config), open_destination(config, destination) as opened:
             pipeline = make_pipeline(config, opened)
             follow_destination(pipeline, config)
