@@ -38,6 +38,7 @@ class Interrupted(Exception):
 
 SYNC_OPTIONS = (
     "start_date",
+    "add_organization",
     "chunk_seconds",
     "duckdb_file",
     "project_id",
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_arguments(verify)
     add_target_arguments(verify)
     verify.add_argument("--chunk", metavar="DURATION", help="with --repair: commit a load after this much of the range (default 60d)")
+    add_organization_argument(verify)
     verify.add_argument("--repair", action="store_true", help="reload the days that differ, then verify again")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -279,6 +281,16 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, lookback: bool) -> No
         parser.add_argument("--lookback", metavar="DURATION", help=f"re-read this much of the last run's range to catch late records (default {d.DEFAULT_LOOKBACK})")
     parser.add_argument("--chunk", metavar="DURATION", help=f"commit a load after this much of the range (default {d.DEFAULT_CHUNK})")
     parser.add_argument("--chunk-seconds", metavar="S", type=float, help=f"... or after this many seconds of fetching, whichever comes first (default {d.DEFAULT_CHUNK_SECONDS:.0f})")
+    add_organization_argument(parser)
+
+
+def add_organization_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--add-organization",
+        action="store_true",
+        default=None,
+        help="load into a dataset that holds another organization's usage (give each organization its own --pipeline-name)",
+    )
 
 
 def sync_overrides(args: argparse.Namespace) -> dict[str, Any]:
