@@ -208,8 +208,6 @@ def _check_organization(pipeline: dlt.Pipeline, config: Settings, state: SyncSta
 
 def _organizations_in_table(pipeline: dlt.Pipeline) -> list[str]:
     """The organizations whose usage the dataset holds, whichever pipeline loaded it."""
-    if not warehouse_exists_for(pipeline):
-        return []
     try:
         with pipeline.sql_client() as client:
             table = client.make_qualified_table_name(RESOURCE_NAME)
@@ -217,11 +215,6 @@ def _organizations_in_table(pipeline: dlt.Pipeline) -> list[str]:
     except (DatabaseUndefinedRelation, DatabaseTerminalException):
         return []  # no table yet, or one from before organizations were recorded
     return [row[0] for row in rows or []]
-
-
-def warehouse_exists_for(pipeline: dlt.Pipeline) -> bool:
-    credentials = pipeline.destination.config_params.get("credentials")
-    return not (pipeline.destination.destination_name == "duckdb" and isinstance(credentials, str) and not Path(credentials).exists())
 
 
 def _table_rows(pipeline: dlt.Pipeline) -> int | None:
