@@ -23,7 +23,7 @@ from ona_emulator import EmulatorServer, UsageStore
 from ona_usage import settings
 from ona_usage.client import OnaApiError, UsageClient, _may_follow
 from ona_usage.pipeline import make_pipeline, read_state, run_backfill, run_sync
-from ona_usage.windows import Window, format_rfc3339
+from ona_usage.windows import Window, format_rfc3339, tile
 
 from conftest import API_KEY, assert_table_equals, make_records, recent_records, request_ranges, run_cli, run_here
 
@@ -371,3 +371,21 @@ def test_a_redirect_to_ona_is_followed_with_the_key_and_a_loop_is_cut():
     with UsageClient("k-1", "https://app.ona.com/api", transport=httpx.MockTransport(loop), max_attempts=1) as client:
         with pytest.raises(OnaApiError, match="redirected more than 3 times in a row"):
             list(client.pages(window))
+
+
+def test_a_chunk_also_closes_at_its_row_bound(workdir, store, emulator):
+    store.add(recent_records(1_000, days=10))
+    result = run_sync(config(emulator, start_date=days_ago(11), chunk_rows=250))
+
+    assert_table_equals(workdir / DB, store.records())
+    # a load closes on the window that takes it to 250 records or more; the last takes what is left
+    start = pendulum.parse(days_ago(11))
+    windows = list(tile(start, pendulum.now("UTC"), pendulum.duration(days=1)))
+    assert result.windows == len(windows)
+    loads, held, open_load = 0, 0, False
+    for window in windows:
+        held += len(store.records(start=window.start, end=window.end))
+        open_load = True
+        if held >= 250:
+            loads, held, open_load = loads + 1, 0, False
+    assert result.chunks == loads + open_load >= 4

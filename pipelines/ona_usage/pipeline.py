@@ -165,7 +165,7 @@ def _load_chunks(
     with WindowFetcher(client, windows, config.project_id, config.workers, lookahead=size) as fetcher:
         feed = Feed(
             windows, fetcher, fetched_at=now, organization_id=organization_id, stats=stats,
-            max_windows=size, max_seconds=config.chunk_seconds,
+            max_windows=size, max_seconds=config.chunk_seconds, max_rows=config.chunk_rows,
         )
         while not feed.last:
             usage = usage_records(config, backfill, feed)

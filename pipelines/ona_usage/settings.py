@@ -40,6 +40,7 @@ DEFAULT_PAGE_SIZE = MAX_PAGE_SIZE
 DEFAULT_WORKERS = 16
 DEFAULT_CHUNK = "60d"
 DEFAULT_CHUNK_SECONDS = 30.0  # a load also commits after this much fetching: what a kill may lose
+DEFAULT_CHUNK_ROWS = 250_000  # ... and once it holds this many records: a load's memory stays bounded
 DEFAULT_MAX_ATTEMPTS = 6
 DEFAULT_BACKOFF = 0.5
 DEFAULT_TIMEOUT = 60.0
@@ -89,6 +90,7 @@ class SyncConfig(BaseConfiguration):
     workers: int = DEFAULT_WORKERS
     chunk: str = DEFAULT_CHUNK
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     backoff: float = DEFAULT_BACKOFF
     timeout: float = DEFAULT_TIMEOUT
@@ -120,6 +122,7 @@ class Settings:
     workers: int
     chunk: pendulum.Duration
     chunk_seconds: float
+    chunk_rows: int
     max_attempts: int
     backoff: float
     timeout: float
@@ -195,6 +198,7 @@ def parse(raw: SyncConfig) -> Settings:
         workers=_number(raw.workers, "workers", int, 1, 32),
         chunk=chunk,
         chunk_seconds=_number(raw.chunk_seconds, "chunk_seconds", float, 0.1, 86_400),
+        chunk_rows=_number(raw.chunk_rows, "chunk_rows", int, 1, 100_000_000),
         max_attempts=_number(raw.max_attempts, "max_attempts", int, 1, 20),
         backoff=_number(raw.backoff, "backoff", float, 0, 60),
         timeout=timeout,

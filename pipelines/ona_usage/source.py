@@ -146,8 +146,9 @@ class ExtractStats:
 class Feed:
     """The windows of a command's plan, handed out a load (chunk) at a time by one fetcher.
 
-    A load takes windows until it has `max_windows` of them, or has spent `max_seconds`
-    fetching, whichever comes first, so a kill loses at most about that much work. The next
+    A load takes windows until it has `max_windows` of them, has spent `max_seconds` fetching,
+    or holds `max_rows` records, whichever comes first: a kill loses at most about that much
+    work, and a load's memory does not grow with how busy the organization is. The next
     load of the command goes on from there; `last` tells whether the plan is used up.
     """
 
@@ -161,6 +162,7 @@ class Feed:
         stats: ExtractStats | None = None,
         max_windows: int | None = None,
         max_seconds: float | None = None,
+        max_rows: int | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.fetched_at = fetched_at  # the "now" the windows were planned at
@@ -168,6 +170,7 @@ class Feed:
         self.stats = stats or ExtractStats()
         self.max_windows = max_windows or len(windows) or 1
         self.max_seconds = max_seconds
+        self.max_rows = max_rows
         self.taken: list[Window] = []  # by the current load
         self._todo = deque(windows)
 
@@ -178,13 +181,16 @@ class Feed:
     def next_load(self) -> Iterator[tuple[Window, int, pa.Table]]:
         """The windows of one load, each with its page count and table, as they are fetched."""
         self.taken = []
-        started = time.monotonic()
+        started, rows = time.monotonic(), 0
         while self._todo and len(self.taken) < self.max_windows:
             if self.taken and self.max_seconds is not None and time.monotonic() - started >= self.max_seconds:
+                return
+            if self.max_rows is not None and rows >= self.max_rows:
                 return
             window, pages, table = self.fetcher.next()
             self._todo.popleft()
             self.taken.append(window)
+            rows += table.num_rows
             self.stats.window_done(window, pages, table.num_rows)
             yield window, pages, table
 
