@@ -26,8 +26,9 @@ postgres:
 chromium:
 	scripts/ensure-chromium
 
+# Two workers for the two cores: each starts its own emulators and PostgreSQL cluster.
 test: install postgres chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 bench: install
 	$(BIN)/python benchmarks/run.py

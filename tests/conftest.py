@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import inspect
 import os
 import subprocess
 import sys
@@ -11,7 +13,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import _pytest.main
 import duckdb
 import pendulum
 import pytest
@@ -34,8 +35,8 @@ API_FIELDS = ("id", "createdAt", "stoppedAt", "environmentClassId", "environment
 KEY_ENV_VARS = ("ONA_API_KEY", "GITPOD_API_KEY", "SOURCES__ONA_USAGE__API_KEY")
 
 
-def _call(function: Callable[..., Any], *args: Any) -> Any:
-    return function(*args)
+def _call(function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    return function(**kwargs)
 
 
 # CPython 3.11 keeps a thread's Python frames in 16 KiB chunks, and frees a chunk (munmap) as
@@ -50,9 +51,59 @@ _call_with_headroom = types.FunctionType(
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_runtestloop(session: pytest.Session) -> object:
-    """pytest's own test loop (setup, call, teardown of every test), run with frame headroom."""
-    return _call_with_headroom(_pytest.main.pytest_runtestloop, session)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> object:
+    """Every test function runs with frame headroom (under pytest-xdist's workers too)."""
+    if inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    names = pyfuncitem._fixtureinfo.argnames
+    _call_with_headroom(pyfuncitem.obj, {name: pyfuncitem.funcargs[name] for name in names})
+    return True
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What is alive now (modules, classes, collected tests) lives to the end: the collector
+    # need not walk it again at every full collection, a tenth of an in-process sync's time.
+    gc.collect()
+    gc.freeze()
+
+
+# The PostgreSQL server's TimeZone: +05:30 all year, so any local-time mix-up moves every value.
+PG_SERVER_TIMEZONE = "Asia/Kolkata"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """One throwaway PostgreSQL cluster for the whole session (see pg_server.py): the URL of its first database.
+
+    Every test that uses it works in a database of its own (`pg_url`, or `pg_server.create_database`).
+    Without PostgreSQL binaries the tests that need it skip, unless the environment variable CI
+    is set: then they fail, so CI cannot go green without running them.
+    """
+    import pg_server
+
+    try:
+        pg_server.find_binaries()
+    except pg_server.PostgresNotFound as exc:
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"CI is set but PostgreSQL is missing: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    with pg_server.postgres_server(timezone=PG_SERVER_TIMEZONE) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(postgres: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh database for this test, set as the postgres destination's credentials.
+
+    Depends on `workdir`, which clears every DESTINATION__* variable, so this one comes after it.
+    """
+    import uuid
+
+    import pg_server
+
+    url = pg_server.create_database(postgres, f"t_{uuid.uuid4().hex[:12]}")
+    monkeypatch.setenv("DESTINATION__POSTGRES__CREDENTIALS", url)
+    return url
 
 
 @pytest.fixture
@@ -138,6 +189,30 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300)
 
 
+def run_clis_together(
+    *commands: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> list[subprocess.CompletedProcess]:
+    """`run_cli` for each command, all started at once: fresh processes side by side (readers, say)."""
+    full_env = {k: v for k, v in os.environ.items()}
+    full_env.update(env or {})
+    exe = str(Path(sys.executable).with_name("ona-usage"))
+    processes = [
+        subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd)
+        for args in commands
+    ]
+    results = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=300)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    finally:
+        for process in processes:  # as subprocess.run does on a timeout: none is left running
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
 def make_records(stopped: pendulum.DateTime, count: int, prefix: str) -> list[dict[str, Any]]:
     """`count` records with ids `prefix-N` stopping a second apart from `stopped`."""
     return [
@@ -165,6 +240,36 @@ def request_ranges(emulator: EmulatorServer) -> list[tuple[str, str]]:
         date_range = body["filter"]["dateRange"]
         ranges.append((date_range["startTime"], date_range["endTime"]))
     return ranges
+
+
+def cli_here(
+    capture: pytest.CaptureFixture, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """The command line in this process, answered like `run_cli`: returncode, stdout and stderr.
+
+    For tests about what a command does, not about the process (signals, exit, a fresh
+    environment): it saves the second of imports a subprocess costs. `env` is added to the
+    environment and `cwd` entered for the call only; argparse's exits (--help, bad flags) are
+    return codes, as they are for the process. `capture` is capsys or capfd.
+    """
+    from ona_usage.cli import main as cli_main
+
+    environ = dict(os.environ)  # main() may set variables for its process (dlt's telemetry switch)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (env or {}).items():
+            mp.setenv(name, value)
+        if cwd is not None:
+            mp.chdir(cwd)
+        capture.readouterr()
+        try:
+            code = cli_main(list(args))
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+        finally:
+            for name in os.environ.keys() - environ.keys() - (env or {}).keys():
+                del os.environ[name]
+        out, err = capture.readouterr()
+    return subprocess.CompletedProcess(["ona-usage", *args], code, out, err)
 
 
 def run_here(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:

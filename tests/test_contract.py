@@ -13,7 +13,7 @@ import pytest
 from ona_usage.pipeline import make_pipeline, read_state
 from ona_usage import settings
 
-from conftest import API_KEY, assert_table_equals, make_records, recent_records, run_cli, table_rows
+from conftest import API_KEY, assert_table_equals, cli_here, make_records, recent_records, table_rows
 from test_sync import DB, sync
 
 
@@ -45,13 +45,13 @@ def good(**changes: Any) -> dict[str, Any]:
     ],
     ids=["no-id", "bad-stopped-at", "no-stopped-at", "outside-window", "wrong-type"],
 )
-def test_a_record_that_breaks_the_contract_stops_the_run_and_writes_nothing(record, message, workdir, store, emulator):
+def test_a_record_that_breaks_the_contract_stops_the_run_and_writes_nothing(record, message, workdir, store, emulator, capsys):
     store.add(recent_records(50, days=2))
     sync(emulator, start_date=pendulum.now("UTC").subtract(days=3).to_date_string())
     before_rows, before_state = table_rows(workdir / DB), read_state(make_pipeline(settings.resolve({})))
 
     emulator.fault = answer_with([good(id="fine-1"), record])
-    result = run_cli("sync", "--base-url", emulator.url, "--lookback", "1d", env={"ONA_API_KEY": API_KEY})
+    result = cli_here(capsys, "sync", "--base-url", emulator.url, "--lookback", "1d", env={"ONA_API_KEY": API_KEY})
 
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -81,9 +81,9 @@ def test_a_name_list_the_key_may_not_read_is_left_out_once_and_usage_loads(workd
     assert names[0] > 0 and names[1] == 0 and names[2] == 1  # projects unnamed, runners named
 
 
-def test_a_backfill_that_ends_before_it_starts_is_refused(workdir, emulator):
-    result = run_cli("backfill", "--base-url", emulator.url, "--start", "2026-03-01", "--end", "2026-02-01",
-                     env={"ONA_API_KEY": API_KEY})
+def test_a_backfill_that_ends_before_it_starts_is_refused(workdir, emulator, capsys):
+    result = cli_here(capsys, "backfill", "--base-url", emulator.url, "--start", "2026-03-01", "--end", "2026-02-01",
+                      env={"ONA_API_KEY": API_KEY})
     assert result.returncode == 2
     assert "must be after" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert emulator.requests == [] and not (workdir / DB).exists()

@@ -30,15 +30,22 @@ from ona_emulator.faults import FaultConfig
 from ona_usage import settings
 from ona_usage.pipeline import SyncResult, make_pipeline, read_cursor, run_sync
 
-from conftest import API_KEY, assert_table_equals, make_records, recent_records, run_cli, table_rows
+from conftest import API_KEY, assert_table_equals, make_records, recent_records, run_clis_together, table_rows
 
 DB = "ona_usage.duckdb"
 ENDPOINT = "/gitpod.v1.UsageService/ListEnvironmentUsageRecords"
 WINDOW = {"filter": {"dateRange": {"startTime": "2026-03-01T00:00:00Z", "endTime": "2026-03-02T00:00:00Z"}}}
 
 
+# The client's exponential backoff base: a hundredth of a second, so a retry costs no real wait
+# here. A server's Retry-After is still honoured in full (see test_retry_after_is_honoured), and
+# the default's bound on a dead API is checked with the default itself.
+FAST_BACKOFF = 0.01
+
+
 def sync(emulator: EmulatorServer | str, **options: Any) -> SyncResult:
     url = emulator if isinstance(emulator, str) else emulator.url
+    options.setdefault("backoff", FAST_BACKOFF)
     options.setdefault("start_date", pendulum.now("UTC").subtract(days=3).to_date_string())
     options.setdefault("page_size", 10)
     options.setdefault("workers", 2)
@@ -341,7 +348,7 @@ def test_retry_after_is_honoured(workdir, store, emulator):
     assert len(limited) == 2
     for i in limited:
         retry = next(r for r in log[i + 1 :] if r["body"] == log[i]["body"] and r["query"] == log[i]["query"])
-        # the client's own first backoff is at most 0.75 s: a 1 s gap is the server's Retry-After
+        # the client's own first backoff is at most 1.5 x FAST_BACKOFF: a 1 s gap is the server's Retry-After
         assert retry["at"] - log[i]["at"] >= 1.0
 
 
@@ -419,7 +426,7 @@ def test_a_server_that_never_recovers_fails_in_bounded_time_even_with_the_most_a
 
     monkeypatch.setattr(time, "sleep", sleep)
     with pytest.raises(Exception, match="gave up after 20 attempts"):
-        sync(emulator, workers=1, max_attempts=20)
+        sync(emulator, workers=1, max_attempts=20, backoff=settings.DEFAULT_BACKOFF)
     per_window = waits[:19]  # one window's 19 waits, then it gives up
     assert len(per_window) == 19
     assert sum(per_window) < 15 * 60, f"a dead API would hold the sync for {sum(per_window) / 3600:.0f} hours"
@@ -603,13 +610,15 @@ def test_cli_emulator_driven_through_the_control_endpoint(workdir, emulator_proc
 
 
 def test_ona_usage_emulator_has_the_fault_flags_and_rejects_bad_ones():
-    help_text = run_cli("emulator", "--help")
+    help_text, too_much, bad_rate = run_clis_together(  # three processes, side by side
+        ["emulator", "--help"],
+        ["emulator", "--port", "0", "--records", "5", "--error-rate", "0.7", "--drop-rate", "0.7"],
+        ["emulator", "--rate-limit-rate", "2"],
+    )
     assert help_text.returncode == 0
     for flag in ("--rate-limit-rate", "--retry-after", "--burst-every", "--fail-first", "--truncate-rate",
                  "--html-rate", "--drop-rate", "--hang-seconds", "--repeat-token", "--repeat-record",
                  "--ingestion-lag", "--no-control"):
         assert flag in help_text.stdout
-    too_much = run_cli("emulator", "--port", "0", "--records", "5", "--error-rate", "0.7", "--drop-rate", "0.7")
     assert too_much.returncode == 2 and "add up to 1.4" in too_much.stderr
-    bad_rate = run_cli("emulator", "--rate-limit-rate", "2")
     assert bad_rate.returncode == 2 and "between 0 and 1" in bad_rate.stderr

@@ -17,7 +17,6 @@ from test_operations import config
 from ona_usage.pipeline import run_sync
 
 import pg_server
-from test_postgres import postgres  # noqa: F401,F811  (the module-scoped server fixture)
 
 Key = tuple[date, Any, Any, Any, Any]
 

@@ -20,12 +20,13 @@ from ona_usage import settings
 from ona_usage.pipeline import make_pipeline, pipeline_lock, read_state, run_backfill, run_sync
 from ona_usage.windows import format_rfc3339
 
-from conftest import API_KEY, assert_table_equals, make_records, recent_records, request_ranges, run_cli, table_rows
+from conftest import API_KEY, assert_table_equals, cli_here, make_records, recent_records, request_ranges, run_cli, table_rows
 from test_sync import DB, sync
 
 
 def config(emulator: Any, **options: Any) -> settings.SyncSettings:
-    resolved = settings.resolve({"base_url": emulator.url, **options})
+    # retries back off from 0.01 s, not 0.5 s: the same retries, without real waits
+    resolved = settings.resolve({"base_url": emulator.url, "backoff": 0.01, **options})
     resolved.api_key = API_KEY
     return resolved
 
@@ -84,7 +85,7 @@ def test_a_failed_backfill_continues_after_its_last_committed_chunk(workdir, sto
     assert_table_equals(workdir / DB, store.records(start=start, end=end))
 
 
-def test_a_backfill_killed_with_sigkill_resumes_and_ends_exact(workdir, store, emulator):
+def test_a_backfill_killed_with_sigkill_resumes_and_ends_exact(workdir, store, emulator, capsys):
     store.add(recent_records(1_500, days=20))
     emulator.latency = 0.02
     start, end = pendulum.now("UTC").start_of("day").subtract(days=20), pendulum.now("UTC").start_of("day")
@@ -106,7 +107,7 @@ def test_a_backfill_killed_with_sigkill_resumes_and_ends_exact(workdir, store, e
 
     emulator.latency = 0
     emulator.reset_requests()
-    result = run_cli(*args, env={"ONA_API_KEY": API_KEY})
+    result = cli_here(capsys, *args, env={"ONA_API_KEY": API_KEY})  # the rerun: the same command, in this process
 
     assert result.returncode == 0, result.stderr
     assert min(s for s, _ in request_ranges(emulator)) >= format_rfc3339(start.add(days=4))
@@ -167,14 +168,14 @@ def test_a_second_sync_of_the_same_pipeline_is_refused(workdir, store, emulator)
     assert not (workdir / DB).exists()
 
 
-def test_verify_finds_missing_extra_and_changed_ids_and_repair_fixes_them(workdir, store, emulator):
+def test_verify_finds_missing_extra_and_changed_ids_and_repair_fixes_them(workdir, store, emulator, capsys):
     store.add(recent_records(400, days=6))
     start = pendulum.now("UTC").start_of("day").subtract(days=6)
     sync(emulator, start_date=start.to_date_string())
     env = {"ONA_API_KEY": API_KEY}
     window = ["--base-url", emulator.url, "--start", start.to_date_string(), "--end", pendulum.now("UTC").add(days=1).to_date_string()]
 
-    clean = run_cli("verify", *window, env=env)
+    clean = cli_here(capsys, "verify", *window, env=env)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "match" in clean.stdout.splitlines()[-1]
 
@@ -186,7 +187,7 @@ def test_verify_finds_missing_extra_and_changed_ids_and_repair_fixes_them(workdi
     with duckdb.connect(str(workdir / DB)) as conn:
         conn.execute("INSERT INTO ona.environment_usage_records (id, stopped_at, _dlt_load_id) VALUES ('ghost', ?, 'x')", [start.add(hours=5)])
 
-    report = run_cli("verify", *window, "--json", env=env)
+    report = cli_here(capsys, "verify", *window, "--json", env=env)
 
     assert report.returncode == 1
     days = json.loads(report.stdout)["days"]
@@ -194,23 +195,23 @@ def test_verify_finds_missing_extra_and_changed_ids_and_repair_fixes_them(workdi
     assert [i for d in days for i in d["extra"]] == ["ghost"]
     assert [i for d in days for i in d["changed"]] == [changed["id"]]
 
-    repaired = run_cli("verify", *window, "--repair", env=env)
+    repaired = cli_here(capsys, "verify", *window, "--repair", env=env)
     assert repaired.returncode == 1  # the ghost row is not in the API: reported, never deleted
     assert "extra 1" in repaired.stdout
     rows = {row[0]: row for row in table_rows(workdir / DB)}
     assert {"late-0", "late-1"} <= rows.keys() and rows[changed["id"]][3] == "resized"
 
 
-def test_status_json_dry_run_and_reset(workdir, store, emulator):
+def test_status_json_dry_run_and_reset(workdir, store, emulator, capsys):
     store.add(recent_records(200, days=2))
     env = {"ONA_API_KEY": API_KEY}
-    dry = run_cli("sync", "--dry-run", "--base-url", emulator.url, "--start-date", pendulum.now("UTC").subtract(days=3).to_date_string(), env=env)
+    dry = cli_here(capsys, "sync", "--dry-run", "--base-url", emulator.url, "--start-date", pendulum.now("UTC").subtract(days=3).to_date_string(), env=env)
     assert dry.returncode == 0, dry.stderr
     assert "would fetch 4 window(s)" in dry.stdout
     assert not (workdir / DB).exists() and emulator.requests == []
 
     sync(emulator, start_date=pendulum.now("UTC").subtract(days=3).to_date_string())
-    status = json.loads(run_cli("status", "--json", env=env).stdout)
+    status = json.loads(cli_here(capsys, "status", "--json", env=env).stdout)
     assert set(status) == {"version", "warehouse", "pipeline", "destination", "dataset", "table", "cursor", "fetched_through",
                            "lookback", "next_sync", "last_load", "table_stats", "backfills", "pending_load_packages"}
     assert status["table_stats"]["rows"] == 200
@@ -218,25 +219,25 @@ def test_status_json_dry_run_and_reset(workdir, store, emulator):
     assert status["cursor"] == format_rfc3339(read_state(make_pipeline(settings.resolve({}))).cursor)
     assert status["next_sync"]["windows"] == 1 and status["backfills"] == []
 
-    refused = run_cli("reset", env=env)
+    refused = cli_here(capsys, "reset", env=env)
     assert refused.returncode == 2 and "--yes" in refused.stderr and refused.stdout == ""
     assert len(table_rows(workdir / DB)) == 200
 
-    done = run_cli("reset", "--yes", env=env)
+    done = cli_here(capsys, "reset", "--yes", env=env)
     assert done.returncode == 0, done.stderr
     with duckdb.connect(str(workdir / DB), read_only=True) as conn:
         tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'ona'").fetchall()}
     assert "environment_usage_records" not in tables
     assert read_state(make_pipeline(settings.resolve({}))).cursor is None
 
-    again = run_cli("sync", "--base-url", emulator.url, "--start-date", pendulum.now("UTC").subtract(days=1).to_date_string(), env=env)
+    again = cli_here(capsys, "sync", "--base-url", emulator.url, "--start-date", pendulum.now("UTC").subtract(days=1).to_date_string(), env=env)
     assert again.returncode == 0, again.stderr
     assert_table_equals(workdir / DB, store.records(start=pendulum.now("UTC").subtract(days=1).start_of("day")))
 
 
-def test_logs_without_a_terminal_are_plain_lines(workdir, store, emulator):
+def test_logs_without_a_terminal_are_plain_lines(workdir, store, emulator, capfd):
     store.add(recent_records(300, days=10))
-    result = run_cli("sync", "--base-url", emulator.url, "--start-date", pendulum.now("UTC").subtract(days=10).to_date_string(),
+    result = cli_here(capfd, "sync", "--base-url", emulator.url, "--start-date", pendulum.now("UTC").subtract(days=10).to_date_string(),
                      "--chunk", "3d", env={"ONA_API_KEY": API_KEY})
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stderr + result.stdout

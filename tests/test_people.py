@@ -26,7 +26,6 @@ from ona_usage.pipeline import make_pipeline, read_state, run_sync
 
 import pg_server
 from conftest import API_KEY, isolate, make_records, recent_records, table_rows, to_datetime
-from test_postgres import postgres  # noqa: F401  (the session's PostgreSQL server)
 
 DB = "ona_usage.duckdb"
 CLASS_SMALL, CLASS_LARGE, CLASS_GPU = "class-small", "class-large", "class-gpu"

@@ -12,12 +12,8 @@ they fail, so CI cannot go green without running them.
 
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pendulum
@@ -29,35 +25,10 @@ from ona_usage import settings
 from ona_usage.pipeline import SyncResult, make_pipeline, read_cursor, read_state, run_backfill, run_sync
 from ona_usage.windows import format_rfc3339
 
-import pg_server
-from conftest import API_KEY, COLUMNS, assert_rows_equal, make_records, recent_records, request_ranges
+from conftest import API_KEY, COLUMNS, PG_SERVER_TIMEZONE, assert_rows_equal, make_records, recent_records, request_ranges
 
 TABLE = "ona.environment_usage_records"
-SERVER_TIMEZONE = "Asia/Kolkata"  # +05:30 all year: any local-time mix-up moves every value
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """URL of the cluster's first database; tests create their own with `pg_server.create_database`."""
-    try:
-        pg_server.find_binaries()
-    except pg_server.PostgresNotFound as exc:
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-            pytest.fail(f"CI is set but PostgreSQL is missing: {exc}", pytrace=False)
-        pytest.skip(str(exc))
-    with pg_server.postgres_server(timezone=SERVER_TIMEZONE) as url:
-        yield url
-
-
-@pytest.fixture
-def pg_url(postgres: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh database for this test, set as the postgres destination's credentials.
-
-    Depends on `workdir`, which clears every DESTINATION__* variable, so this one comes after it.
-    """
-    url = pg_server.create_database(postgres, f"t_{uuid.uuid4().hex[:12]}")
-    monkeypatch.setenv("DESTINATION__POSTGRES__CREDENTIALS", url)
-    return url
+SERVER_TIMEZONE = PG_SERVER_TIMEZONE  # the session's server (conftest's `postgres`); each test has its own database (`pg_url`)
 
 
 def sync(emulator: EmulatorServer, **options: Any) -> SyncResult:

@@ -24,7 +24,7 @@ import pytest
 from ona_emulator import EmulatorServer, UsageStore, generate_organisation, organisation_names
 from ona_usage.cli import build_parser, main as cli_main
 
-from conftest import API_KEY, isolate
+from conftest import API_KEY, isolate, run_cli
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -51,13 +51,20 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     start = end.subtract(days=45)
     store = UsageStore(generate_organisation(42, start, end, 3_000))
     store.names = organisation_names(42)
-    with pytest.MonkeyPatch.context() as mp, EmulatorServer(store, api_key=API_KEY) as server:
-        isolate(mp, root)
-        mp.setenv("ONA_API_KEY", API_KEY)
-        (root / ".dlt").mkdir()
-        (root / ".dlt" / "config.toml").write_text(rate_card_example())  # the README's own rate card
-        assert cli_main(["sync", "--quiet", "--base-url", server.url, "--start-date", start.to_date_string()]) == 0
+    (root / ".dlt").mkdir()
+    (root / ".dlt" / "config.toml").write_text(rate_card_example())  # the README's own rate card
+    with EmulatorServer(store, api_key=API_KEY) as server:
+        # a process of its own: dlt reads `.dlt/` in the directory a process starts in
+        done = run_cli("sync", "--quiet", "--base-url", server.url, "--start-date", start.to_date_string(),
+                       env=readme_env(root), cwd=root)
+    assert done.returncode == 0, done.stderr
     return root
+
+
+def readme_env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SOURCES__", "DESTINATION__"))}
+    env.update(ONA_API_KEY=API_KEY, DLT_DATA_DIR=str(root / "dlt-data"), RUNTIME__DLTHUB_TELEMETRY="false")
+    return env
 
 
 def rate_card_example() -> str:
@@ -65,15 +72,15 @@ def rate_card_example() -> str:
     return toml
 
 
-def test_the_rate_card_example_is_read_as_three_rates(warehouse, monkeypatch):
-    from ona_usage import settings
-
-    monkeypatch.chdir(warehouse)
-    rates = settings.resolve({}).rate_card
-    assert [(r.environment_class, r.credits_per_hour, r.valid_from and r.valid_from.isoformat(), r.credit_price, r.currency) for r in rates] == [
-        ("Small (2 vCPU, 8 GiB)", 1.0, None, 0.10, "USD"),
-        ("Regular (4 vCPU, 16 GiB)", 2.0, None, 0.10, "USD"),
-        ("Regular (4 vCPU, 16 GiB)", 2.5, "2026-10-01", 0.10, "USD"),
+def test_the_rate_card_example_is_read_as_three_rates(warehouse):
+    show = ("import json; from ona_usage import settings; print(json.dumps([[r.environment_class, r.credits_per_hour, "
+            "r.valid_from and r.valid_from.isoformat(), r.credit_price, r.currency] for r in settings.resolve({}).rate_card]))")
+    done = subprocess.run([sys.executable, "-c", show], cwd=warehouse, env=readme_env(warehouse), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [
+        ["Small (2 vCPU, 8 GiB)", 1.0, None, 0.10, "USD"],
+        ["Regular (4 vCPU, 16 GiB)", 2.0, None, 0.10, "USD"],
+        ["Regular (4 vCPU, 16 GiB)", 2.5, "2026-10-01", 0.10, "USD"],
     ]
     with duckdb.connect(str(warehouse / DB), read_only=True) as conn:
         priced = conn.execute("SELECT count(*) FILTER (WHERE cost IS NOT NULL), count(*) FROM ona.environment_usage_daily").fetchone()

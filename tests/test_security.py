@@ -31,7 +31,7 @@ from ona_emulator import EmulatorServer
 from ona_usage import settings
 from ona_usage.pipeline import run_sync
 
-from conftest import API_KEY, assert_table_equals, recent_records, run_cli
+from conftest import API_KEY, assert_table_equals, cli_here, recent_records, run_cli, run_clis_together
 
 REPO = Path(__file__).resolve().parents[1]
 DB = "ona_usage.duckdb"
@@ -90,11 +90,21 @@ def dlt_cli(workdir: Path, env: dict[str, str]) -> str:
     if not (Path(env["DLT_DATA_DIR"]) / "pipelines" / "ona_usage").exists():
         return ""
     out = []
-    for args in (["-vv", "pipeline", "ona_usage", "trace"], ["-vv", "pipeline", "ona_usage", "info"]):
-        result = subprocess.run([str(DLT), "--non-interactive", *args], capture_output=True, text=True,
-                                env=env, cwd=workdir, timeout=120)
-        assert result.returncode == 0, result.stdout + result.stderr
-        out.append(result.stdout + result.stderr)
+    commands = (["-vv", "pipeline", "ona_usage", "trace"], ["-vv", "pipeline", "ona_usage", "info"])
+    # Both readers at once, each a fresh process: a second of imports each, side by side.
+    processes = [subprocess.Popen([str(DLT), "--non-interactive", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env, cwd=workdir) for args in commands]
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=120)
+            result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+            assert result.returncode == 0, result.stdout + result.stderr
+            out.append(result.stdout + result.stderr)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     assert "Run started at" in out[0], out[0]
     return "\n".join(out)
 
@@ -117,6 +127,7 @@ def assert_nowhere(secret: str, workdir: Path, *texts: str, skip: tuple[Path, ..
 def cli_env(workdir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()}
     env["DLT_DATA_DIR"] = str(workdir / "dlt-data")
+    env["SOURCES__ONA_USAGE__BACKOFF"] = "0.01"  # retries without real waits; what is printed is the same
     env.update(extra)
     return env
 
@@ -268,9 +279,9 @@ def test_a_succeeding_run_never_shows_or_stores_the_key(workdir, store, emulator
     assert API_KEY not in repr(emulator.requests)  # sent in the (redacted) Authorization header only
     if source == "ONA_API_KEY":  # the other commands print and log too
         today = pendulum.now("UTC")
-        for args in (["status", "--json"], ["verify", "--base-url", emulator.url, "--start", today.subtract(days=4).to_date_string(),
-                                            "--end", today.add(days=1).to_date_string()]):
-            other = run_cli(*args, env=env, cwd=workdir)
+        commands = (["status", "--json"], ["verify", "--base-url", emulator.url, "--start", today.subtract(days=4).to_date_string(),
+                                           "--end", today.add(days=1).to_date_string()])
+        for other in run_clis_together(*commands, env=env, cwd=workdir):  # two readers, side by side
             assert other.returncode == 0, other.stdout + other.stderr
             outputs += [other.stdout, other.stderr]
 
@@ -297,8 +308,8 @@ def _non_loopback_address() -> str | None:
     ["http://example.com/api", "http://10.1.2.3:8080/api", "http://127.0.0.1.nip.io/api",
      "http://localhost.example.com/api", "http://0.0.0.0:9/api", "HTTP://app.ona.com/api"],
 )
-def test_plain_http_to_another_host_is_refused_before_any_request(workdir, url):
-    result = run_cli("sync", "--base-url", url, env={"ONA_API_KEY": API_KEY})
+def test_plain_http_to_another_host_is_refused_before_any_request(workdir, url, capfd):
+    result = cli_here(capfd, "sync", "--base-url", url, env={"ONA_API_KEY": API_KEY})
 
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -307,28 +318,28 @@ def test_plain_http_to_another_host_is_refused_before_any_request(workdir, url):
     assert not (workdir / DB).exists()
 
 
-def test_plain_http_to_a_real_non_loopback_server_sends_nothing_unless_allowed(workdir, store):
+def test_plain_http_to_a_real_non_loopback_server_sends_nothing_unless_allowed(workdir, store, capfd):
     address = _non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback address")
     store.add(recent_records(50, days=2))
     with EmulatorServer(store, api_key=API_KEY, host=address) as server:
         assert server.url.startswith(f"http://{address}:")
-        refused = run_cli(*sync_args(server), env={"ONA_API_KEY": API_KEY})
+        refused = cli_here(capfd, *sync_args(server), env={"ONA_API_KEY": API_KEY})
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert server.requests == []  # refused before any request
         assert not (workdir / DB).exists()
 
-        allowed = run_cli(*sync_args(server, "--allow-insecure-http"), env={"ONA_API_KEY": API_KEY})
+        allowed = cli_here(capfd, *sync_args(server, "--allow-insecure-http"), env={"ONA_API_KEY": API_KEY})
         assert allowed.returncode == 0, allowed.stderr
         assert server.requests  # the same URL works once the user says so
 
 
-def test_a_redirect_is_not_followed_with_the_key(workdir, store, emulator):
+def test_a_redirect_is_not_followed_with_the_key(workdir, store, emulator, capfd):
     store.add(recent_records(50, days=2))
     with EmulatorServer(store, api_key=API_KEY) as elsewhere:
         emulator.fault = lambda request: (307, b"", {"Location": elsewhere.url + request["path"]})
-        result = run_cli(*sync_args(emulator), env={"ONA_API_KEY": API_KEY})
+        result = cli_here(capfd, *sync_args(emulator), env={"ONA_API_KEY": API_KEY})
         assert result.returncode == 1 and "redirected" in result.stderr
         assert elsewhere.requests == []
         assert API_KEY not in result.stderr + result.stdout

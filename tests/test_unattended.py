@@ -25,7 +25,8 @@ from ona_usage.client import OnaApiError, UsageClient, _may_follow
 from ona_usage.pipeline import make_pipeline, read_state, run_backfill, run_sync
 from ona_usage.windows import Window, format_rfc3339, tile
 
-from conftest import API_KEY, assert_table_equals, make_records, recent_records, request_ranges, run_cli, run_here
+from conftest import (API_KEY, assert_table_equals, cli_here, make_records, recent_records, request_ranges, run_cli,
+                      run_clis_together, run_here)
 
 DB = "ona_usage.duckdb"
 EXE = str(Path(sys.executable).with_name("ona-usage"))
@@ -154,10 +155,10 @@ def test_status_report_and_verify_work_beside_a_read_only_reader(workdir, store,
     assert (workdir / DB).stat().st_mtime_ns == before  # the readers wrote nothing
 
 
-def test_status_answers_while_a_sync_writes_and_report_says_it_is_busy(workdir, store, emulator):
+def test_status_answers_while_a_sync_writes_and_report_says_it_is_busy(workdir, store, emulator, capsys):
     store.add(recent_records(300, days=6))
     env = {"ONA_API_KEY": API_KEY}
-    assert run_cli("sync", "--base-url", emulator.url, "--start", days_ago(3), env=env).returncode == 0
+    assert cli_here(capsys, "sync", "--base-url", emulator.url, "--start", days_ago(3), env=env).returncode == 0
     store.add(recent_records(2_000, days=6, seed=9))
     emulator.set_faults(latency=0.05)
     args = [EXE, "backfill", "--base-url", emulator.url, "--start", days_ago(7), "--end", days_ago(0),
@@ -174,8 +175,7 @@ def test_status_answers_while_a_sync_writes_and_report_says_it_is_busy(workdir, 
         else:
             pytest.fail(f"the backfill never held the DuckDB file: {writer.poll()=} {writer.stderr.read() if writer.poll() is not None else ''}")
 
-        status = run_cli("status", "--json", env=env)
-        report = run_cli("report", env=env)
+        status, report = run_clis_together(["status", "--json"], ["report"], env=env)  # two other processes, side by side
     finally:
         os.killpg(writer.pid, signal.SIGKILL)
         writer.wait()
@@ -294,12 +294,12 @@ def test_a_finished_backfill_asks_for_force_and_last_load_is_its_own(workdir, st
     assert code == 0 and len(request_ranges(emulator)) == 3
 
 
-def test_start_and_end_are_the_same_flags_everywhere_and_no_flag_does_nothing():
+def test_start_and_end_are_the_same_flags_everywhere_and_no_flag_does_nothing(capsys):
     for command in ("backfill", "verify"):
-        help_text = run_cli(command, "--help").stdout
+        help_text = cli_here(capsys, command, "--help").stdout
         assert "--start" in help_text and "--end" in help_text and "--lookback" not in help_text
-    assert "--window" not in run_cli("verify", "--help").stdout
-    sync_help = run_cli("sync", "--help").stdout
+    assert "--window" not in cli_here(capsys, "verify", "--help").stdout
+    sync_help = cli_here(capsys, "sync", "--help").stdout
     assert "--start DATE, --start-date DATE" in sync_help and "--lookback" in sync_help
 
 

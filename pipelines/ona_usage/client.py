@@ -359,6 +359,8 @@ class UsageClient:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             delay = max(delay, retry_after)
+        if isinstance(exc, ConnectFailure):  # the last try of an unreachable host within its budget
+            delay = min(delay, max(CONNECT_BUDGET - (state.seconds_since_start or 0.0), 0.0))
         return delay
 
     def _log_retry(self, state: RetryCallState, what: str) -> None:

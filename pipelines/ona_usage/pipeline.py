@@ -237,14 +237,18 @@ def _prune_loaded_packages(pipeline: dlt.Pipeline, result: SyncResult) -> None:
     keep = {load_id for info in result.load_infos for load_id in info.loads_ids}
     if pipeline.last_trace and pipeline.last_trace.last_load_info:
         keep |= set(pipeline.last_trace.last_load_info.loads_ids)
-    if not (Path(pipeline.working_dir) / "load" / "loaded").is_dir():
+    loaded = Path(pipeline.working_dir) / "load" / "loaded"
+    if not loaded.is_dir():
         return  # nothing was ever loaded from here
     storage = pipeline._get_load_storage()  # dlt has no public call to delete loaded packages
     for load_id in storage.list_loaded_packages():
-        if load_id in keep:
-            storage.loaded_packages.remove_completed_jobs(load_id)  # a package with failed jobs keeps them
-        else:
-            storage.delete_loaded_package(load_id)
+        try:
+            if load_id not in keep:
+                storage.delete_loaded_package(load_id)
+            elif (loaded / load_id / "completed_jobs").is_dir():
+                storage.loaded_packages.remove_completed_jobs(load_id)  # a package with failed jobs keeps them
+        except OSError as exc:  # housekeeping: a package a kill left half-written must not fail the run
+            logger.info("could not tidy load package %s: %s", load_id, exc)
 
 
 def _rows_normalized(pipeline: dlt.Pipeline, table: str) -> int:
