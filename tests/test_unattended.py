@@ -20,6 +20,7 @@ import pendulum
 import pytest
 
 from ona_emulator import EmulatorServer, UsageStore
+from ona_usage import pipeline as pipeline_module
 from ona_usage import settings
 from ona_usage.client import OnaApiError, UsageClient, _may_follow
 from ona_usage.pipeline import make_pipeline, read_state, run_backfill, run_sync
@@ -177,7 +178,8 @@ def test_status_answers_while_a_sync_writes_and_report_says_it_is_busy(workdir, 
 
         status, report = run_clis_together(["status", "--json"], ["report"], env=env)  # two other processes, side by side
     finally:
-        os.killpg(writer.pid, signal.SIGKILL)
+        if writer.poll() is None:
+            os.killpg(writer.pid, signal.SIGKILL)
         writer.wait()
 
     assert status.returncode == 0, status.stderr
@@ -389,3 +391,35 @@ def test_a_chunk_also_closes_at_its_row_bound(workdir, store, emulator):
         if held >= 250:
             loads, held, open_load = loads + 1, 0, False
     assert result.chunks == loads + open_load >= 4
+
+
+def hold_read_only(path: Path, seconds: float) -> subprocess.Popen:
+    """Another process (a notebook, say) holding the DuckDB file open read-only for a while."""
+    code = f"import duckdb, time; c = duckdb.connect({str(path)!r}, read_only=True); print('open', flush=True); time.sleep({seconds})"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "open\n"
+    return holder
+
+
+def test_a_sync_waits_for_a_reader_and_says_who_holds_the_file_when_it_stays(workdir, store, emulator, capsys, monkeypatch):
+    monkeypatch.setenv("ONA_API_KEY", API_KEY)
+    store.add(recent_records(100, days=2))
+    assert run_here(capsys, "sync", "--quiet", "--base-url", emulator.url, "--start", days_ago(3))[0] == 0
+    store.add(make_records(pendulum.now("UTC").subtract(minutes=20), 5, "later"))
+
+    holder = hold_read_only(workdir / DB, 1.0)  # lets go within the writer's patience
+    code, _, err = run_here(capsys, "sync", "--quiet", "--base-url", emulator.url)
+    holder.wait()
+    assert code == 0, err
+    assert_table_equals(workdir / DB, store.records())
+
+    monkeypatch.setattr(pipeline_module, "WRITE_LOCK_PATIENCE", 0.5)
+    holder = hold_read_only(workdir / DB, 20)
+    try:
+        code, _, err = run_here(capsys, "sync", "--base-url", emulator.url)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith(f"ona-usage: error: {workdir / DB} is open in another process (")
+    assert "close it there (a notebook, a BI tool), or let the other run finish" in err

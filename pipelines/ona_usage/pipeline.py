@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import dlt
 import pendulum
@@ -47,6 +48,7 @@ from ona_usage.windows import Window
 logger = logging.getLogger(__name__)
 
 Range = tuple[pendulum.DateTime, pendulum.DateTime]
+WRITE_LOCK_PATIENCE = 15.0  # seconds a writer waits for a DuckDB file another process holds
 PIPELINE_FIELDS = frozenset({"dataset_name", "local_dir", "pipeline_name", "default_schema_name", "destination_name", "environment"})
 TARGET_FILE = "ona_usage_target"  # in the pipeline's working folder: what its local state is of
 
@@ -315,15 +317,34 @@ def open_destination(config: Settings, destination: Destination) -> Iterator[Des
     if config.destination != "duckdb":
         yield destination
         return
-    import duckdb
-
-    connection = duckdb.connect(config.duckdb_file)
+    connection = _connect_for_writing(config.duckdb_file)
     # DuckDB would take up to 80% of RAM as cache; a chunk's merge needs a small part of it.
     connection.execute("SET memory_limit = ?", [config.duckdb_memory_limit])
     try:
         yield dlt.destinations.duckdb(credentials=connection)
     finally:
         connection.close()
+
+
+def _connect_for_writing(path: str) -> Any:
+    """A read-write connection; while another process holds the file (a reader opening it for a
+    moment, say), try again for a few seconds, then say who holds it in one line."""
+    import duckdb
+
+    deadline = time.monotonic() + WRITE_LOCK_PATIENCE
+    while True:
+        try:
+            return duckdb.connect(path)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower():
+                raise
+            if time.monotonic() >= deadline:
+                holder = str(exc).split("Conflicting lock is held in ", 1)[-1].split(".", 1)[0] if "Conflicting" in str(exc) else "another process"
+                raise WarehouseBusy(
+                    f"{path} is open in another process ({holder}); DuckDB lets a writer in only when no other "
+                    "process holds the file: close it there (a notebook, a BI tool), or let the other run finish"
+                ) from None
+            time.sleep(0.2)
 
 
 def warehouse_exists(config: Settings) -> bool:
