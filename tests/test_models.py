@@ -14,7 +14,8 @@ import pytest
 
 from conftest import make_records, recent_records, to_datetime
 from test_operations import config
-from ona_usage.pipeline import run_sync
+from ona_usage import settings
+from ona_usage.pipeline import make_pipeline, run_sync
 
 import pg_server
 
@@ -76,6 +77,7 @@ def test_views_on_duckdb_match_python(workdir, store, emulator):
         conn.execute("SET TimeZone = 'America/Los_Angeles'")  # an analyst's own zone changes nothing
         assert_view_equals(conn.execute(SELECT_DAILY).fetchall(), daily)
         assert_view_equals(conn.execute(SELECT_MONTHLY).fetchall(), expected_monthly(daily))
+    assert_models_through_the_dataset(make_pipeline(settings.resolve({})), daily)
     # the multi-day run is spread over four days; the run without createdAt has no runtime
     long_days = [k for k in daily if any(r["id"] == "long-0" for r in store.records())]
     assert len(long_days) > 4
@@ -100,3 +102,14 @@ def test_views_on_postgres_match_python(postgres, workdir, store, emulator, monk
             assert_view_equals(cur.fetchall(), expected_monthly(daily))
     finally:
         conn.close()
+    assert_models_through_the_dataset(make_pipeline(settings.resolve({"destination": "postgres"})), daily)
+
+
+def assert_models_through_the_dataset(pipeline: Any, daily: dict[Key, tuple[int, float]]) -> None:
+    """The dlt way: the daily model as a table of the dataset, the monthly one through SQL on it."""
+    dataset = pipeline.dataset()
+    table = dataset["environment_usage_daily"].arrow()
+    names = ["usage_date", "user_id", "project_id", "environment_class_id", "runner_id", "runs", "runtime_hours"]
+    assert_view_equals(list(zip(*(table.column(n).to_pylist() for n in names))), daily)
+    monthly = dataset(SELECT_MONTHLY.replace("ona.environment_usage_monthly", "environment_usage_monthly")).fetchall()
+    assert_view_equals(monthly, expected_monthly(daily))
