@@ -17,6 +17,7 @@ from dlt.common.schema.typing import TTableSchemaColumns
 from dlt.extract.resource import DltResource
 
 from ona_usage.client import OnaApiError, UsageClient, make_client
+from ona_usage.records import ORGANIZATION_COLUMN
 from ona_usage.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def rate_card_resource(config: Settings) -> DltResource:
     return dlt.resource(rows, name="rate_card", write_disposition="replace", columns=RATE_CARD_COLUMNS)
 
 
-ORGANIZATION_COLUMN: TTableSchemaColumns = {"organization_id": {"name": "organization_id", "data_type": "text", "nullable": False}}
+# every list's rows carry the organization they are of (see `records.ORGANIZATION_COLUMN`)
+ORGANIZATION: TTableSchemaColumns = {ORGANIZATION_COLUMN: {"name": ORGANIZATION_COLUMN, "data_type": "text", "nullable": False}}
 
 
 def name_resources(config: Settings, client: UsageClient | None = None) -> list[DltResource]:
@@ -111,9 +113,9 @@ def _name_resource(table: str, config: Settings, client: UsageClient | None) -> 
     @dlt.resource(
         name=table,
         write_disposition={"disposition": "merge", "strategy": "delete-insert"},
-        primary_key=(id_column, "organization_id"),
-        merge_key="organization_id",
-        columns={**columns, **ORGANIZATION_COLUMN},
+        primary_key=(id_column, ORGANIZATION_COLUMN),
+        merge_key=ORGANIZATION_COLUMN,
+        columns={**columns, **ORGANIZATION},
     )
     def names() -> Iterator[list[dict[str, Any]]]:
         with contextlib.ExitStack() as stack:
@@ -125,6 +127,6 @@ def _name_resource(table: str, config: Settings, client: UsageClient | None) -> 
             except OnaApiError as exc:
                 logger.warning("%s are left out (their names stay unknown): %s", table.replace("_", " "), exc)
                 return
-        yield [{**row, "organization_id": organization_id} for row in map(to_row, items) if row[id_column]]
+        yield [{**row, ORGANIZATION_COLUMN: organization_id} for row in map(to_row, items) if row[id_column]]
 
     return names

@@ -366,8 +366,7 @@ def follow_destination(pipeline: dlt.Pipeline, config: Settings) -> None:
     dropped, with one line, and the destination's restored instead. State of this very target
     is kept only to finish a load a killed run left pending, then brought up to the destination.
     """
-    marker = Path(pipeline.working_dir) / TARGET_FILE
-    recorded = marker.read_text() if marker.exists() else None
+    recorded = _recorded_target(pipeline)
     if recorded == target(config):
         finish_pending(pipeline)
     elif pipeline.default_schema_name or pipeline.has_pending_data:
@@ -383,7 +382,13 @@ def follow_destination(pipeline: dlt.Pipeline, config: Settings) -> None:
     elif pipeline.default_schema_name:  # the warehouse is gone: so is what the state described
         pipeline.drop()
     Path(pipeline.working_dir).mkdir(parents=True, exist_ok=True)
-    marker.write_text(target(config))
+    (Path(pipeline.working_dir) / TARGET_FILE).write_text(target(config))
+
+
+def _recorded_target(pipeline: dlt.Pipeline) -> str | None:
+    """What the local state was last of (`target`), as the last writer recorded it."""
+    marker = Path(pipeline.working_dir) / TARGET_FILE
+    return marker.read_text() if marker.exists() else None
 
 
 class WarehouseBusy(RuntimeError):
@@ -413,8 +418,7 @@ def reading(config: Settings) -> Iterator[dlt.Pipeline]:
 def local_pipeline(config: Settings) -> dlt.Pipeline | None:
     """This machine's pipeline folder, where it is of this warehouse: its last trace and pending loads."""
     pipeline = make_pipeline(config)
-    marker = Path(pipeline.working_dir) / TARGET_FILE
-    ours = marker.exists() and marker.read_text().startswith(target(config, api=False) + "|")
+    ours = (_recorded_target(pipeline) or "").startswith(target(config, api=False) + "|")
     return pipeline if ours else None
 
 
