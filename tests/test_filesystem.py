@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -20,6 +22,12 @@ def lake_rows(lake: Path) -> list[tuple]:
     return list(zip(*(table.column(c).to_pylist() for c in columns)))
 
 
+def list_rows(lake: Path, table: str) -> list[tuple]:
+    """A list's (id, name) rows, from the files dlt wrote for it (gzipped JSON lines)."""
+    lines = [line for path in (lake / "ona" / table).glob("*.jsonl.gz") for line in gzip.decompress(path.read_bytes()).splitlines()]
+    return sorted((row["id"], row["name"]) for row in map(json.loads, lines))
+
+
 def test_filesystem_delta_table_equals_the_api_after_syncs_a_fresh_runner_and_a_backfill(workdir, store, emulator, monkeypatch):
     lake = workdir / "lake"
     monkeypatch.setenv("DESTINATION__FILESYSTEM__BUCKET_URL", str(lake))
@@ -31,6 +39,8 @@ def test_filesystem_delta_table_equals_the_api_after_syncs_a_fresh_runner_and_a_
     run_sync(config)
     assert_rows_equal(lake_rows(lake), store.records(start=today.subtract(days=5)))
     assert list((lake / "ona" / "environment_usage_records").glob("*.parquet"))
+    projects = list_rows(lake, "projects")
+    assert projects and len(projects) == len({r["projectId"] for r in store.records() if r.get("projectId")})
 
     # a fresh runner re-reads a wide lookback: rows are merged, not appended
     shutil.rmtree(workdir / "dlt-data")
@@ -42,3 +52,4 @@ def test_filesystem_delta_table_equals_the_api_after_syncs_a_fresh_runner_and_a_
     run_backfill(config, settings.parse_range(today.subtract(days=20).to_date_string(), today.subtract(days=5).to_date_string()))
     assert_rows_equal(lake_rows(lake), store.records(start=today.subtract(days=20)))
     assert read_state(make_pipeline(config)).cursor == cursor
+    assert list_rows(lake, "projects") == projects  # replaced on every run, never emptied

@@ -139,6 +139,41 @@ def test_names_organization_and_cost_on_duckdb_match_the_truth(workdir, monkeypa
     assert crossing  # the scenario is in the data
 
 
+def load_ids(db: str) -> dict[str, set[str]]:
+    """The loads that wrote each list, the rate card and the daily model's rows."""
+    with duckdb.connect(db, read_only=True) as conn:
+        return {
+            table: {row[0] for row in conn.execute(f"SELECT DISTINCT _dlt_load_id FROM ona.{table}").fetchall()}
+            for table in ("projects", "environment_classes", "runners", "members", "rate_card", "environment_usage_daily")
+        }
+
+
+def test_a_run_rewrites_the_lists_and_the_models_only_when_they_changed(workdir, monkeypatch):
+    configure(monkeypatch)
+    store = organisation()
+    with EmulatorServer(store, api_key=API_KEY) as emulator:
+        sync(emulator)
+        first = load_ids(str(workdir / DB))
+        sync(emulator)  # nothing changed: no list and no model is written again
+        again = load_ids(str(workdir / DB))
+        assert again.pop("rate_card") != first["rate_card"]  # the rate card is: it comes from config, not the API
+        assert again == {t: ids for t, ids in first.items() if t != "rate_card"}
+
+        # a class renamed, and a run inside the lookback that the API now reports longer
+        store.names[CLASS_LARGE] = "Large (16 vCPU)"
+        latest = store.records()[-1]
+        store.upsert([latest | {"createdAt": to_datetime(latest["stoppedAt"]).replace(minute=0, second=0).isoformat()}])
+        sync(emulator)
+        after = load_ids(str(workdir / DB))
+    assert after["environment_classes"] != first["environment_classes"] and after["environment_usage_daily"] != first["environment_usage_daily"]
+    assert {t: after[t] for t in ("projects", "runners", "members")} == {t: first[t] for t in ("projects", "runners", "members")}
+    with duckdb.connect(str(workdir / DB), read_only=True) as conn:
+        assert conn.execute("SELECT name FROM ona.environment_classes WHERE id = ?", [CLASS_LARGE]).fetchall() == [("Large (16 vCPU)",)]
+        assert {r[0] for r in conn.execute("SELECT environment_class_name FROM ona.environment_usage_daily WHERE environment_class_id = ?", [CLASS_LARGE]).fetchall()} == {"Large (16 vCPU)"}
+        rows = conn.execute(SELECT.format(dataset="ona")).fetchall()
+    assert_daily(rows, expected_daily(store, store.organization_id), store.names)
+
+
 def test_two_organizations_share_a_dataset_on_purpose_and_models_keep_them_apart(postgres, workdir, monkeypatch):  # noqa: F811
     url = pg_server.create_database(postgres, f"t_{uuid.uuid4().hex[:12]}")
     monkeypatch.setenv("DESTINATION__POSTGRES__CREDENTIALS", url)

@@ -7,6 +7,7 @@ is shown only with `--debug`; the API key is scrubbed from anything printed or l
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -619,5 +620,17 @@ def logging_to_stderr(args: argparse.Namespace, secrets: Secrets) -> Iterator[No
         logger.setLevel(level)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `ona-usage` command.
+
+    Everything is imported by now and lives until exit, so the collector is told to stop
+    walking it (`gc.freeze`): that is about a sixth of a scheduled no-op's second, in its
+    collections and at exit. Only here, for one process and one command; `main` stays free of
+    it for callers that run many commands in one process.
+    """
+    gc.freeze()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import dlt
@@ -28,7 +29,7 @@ from dlt.common.schema.typing import TTableSchemaColumns
 from dlt.extract.resource import DltResource
 from dlt.extract.source import DltSource
 
-from ona_usage.state import RESOURCE_NAME
+from ona_usage.state import CURSOR_COLUMN, RESOURCE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +168,12 @@ def ona_usage_models(pipeline: dlt.Pipeline) -> DltSource:
     return source_of([_model(pipeline, name) for name in MODELS])
 
 
-def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None) -> bool:
+def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None, touched_from: datetime | None = None) -> bool:
     """Load the models after the usage; False where there is nothing to model, no SQL, or no change.
 
-    `unchanged_since` is `inputs_fingerprint` from before the command's loads: when the inputs
-    still have it (a scheduled run that only read its lookback again), the models stand.
+    `unchanged_since` is `inputs_fingerprint(pipeline, touched_from)` from before the command's
+    loads: when the inputs still have it (a scheduled run that only read its lookback again),
+    the models stand.
     """
     if not has_sql(pipeline):
         logger.info("no models on the %s destination", pipeline.destination.destination_name)
@@ -179,14 +181,20 @@ def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None) -
     loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
     if RESOURCE_NAME not in loaded:
         return False  # no usage loaded yet
-    if unchanged_since is not None and set(MODELS) <= loaded and inputs_fingerprint(pipeline) == unchanged_since:
+    if unchanged_since is not None and set(MODELS) <= loaded and inputs_fingerprint(pipeline, touched_from) == unchanged_since:
         return False
     pipeline.run(ona_usage_models(pipeline))
     return True
 
 
-def inputs_fingerprint(pipeline: dlt.Pipeline) -> str | None:
-    """A hash of every row the models are computed from, where the destination computes one cheaply (DuckDB)."""
+def inputs_fingerprint(pipeline: dlt.Pipeline, touched_from: datetime | None = None) -> str | None:
+    """A hash of the rows the models are computed from, where the destination computes one cheaply (DuckDB).
+
+    A command's loads write only usage rows that stopped at or after `touched_from` (the start
+    of its first window): merged on `id`, a row they replace leaves the count changed or a new
+    row in that range. So the usage rows before it are counted, not hashed, and the hash costs
+    what the command fetched, not the size of the table. The lists are small: hashed whole.
+    """
     if pipeline.destination.destination_name != "duckdb" or not pipeline.default_schema_name:
         return None
     loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
@@ -197,9 +205,12 @@ def inputs_fingerprint(pipeline: dlt.Pipeline) -> str | None:
         parts = []
         for table in tables:
             columns = [c for c in pipeline.default_schema.get_table_columns(table) if not c.startswith("_dlt_")]
+            touched = f"WHERE {CURSOR_COLUMN} >= ?" if table == RESOURCE_NAME and touched_from else ""
             row = client.execute_sql(
-                f"SELECT count(*), sum(hash({', '.join(client.escape_column_name(c) for c in columns)})) "
-                f"FROM {client.make_qualified_table_name(table)}"
+                f"SELECT (SELECT count(*) FROM {client.make_qualified_table_name(table)}), "
+                f"sum(hash({', '.join(client.escape_column_name(c) for c in columns)})) "
+                f"FROM {client.make_qualified_table_name(table)} {touched}",
+                *([touched_from] if touched else []),
             )[0]
             parts.append(f"{table}:{row[0]}:{row[1]}")
     return "|".join(parts)

@@ -1,13 +1,15 @@
 """Names for the ids in usage records: projects, environment classes and runners.
 
 Each is a small list endpoint of Ona's API (as the official SDK calls them), loaded as its own
-table of the same source and replaced on every run. A key that may not list one of them (or
+table of the same source and replaced whenever it changed. A key that may not list one of them (or
 an API that does not offer it) costs that table, with one warning, and never the usage load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -89,24 +91,45 @@ RATE_CARD_COLUMNS: TTableSchemaColumns = {
 def rate_card_resource(config: Settings) -> DltResource:
     """The team's rate card (`rate_card` / `rate_card_file` in config) as a table the models price hours with."""
     rows = [rate._asdict() for rate in config.rate_card]
+    # Written on every run: dlt empties a `replace` table its run includes, data or not.
     return dlt.resource(rows, name="rate_card", write_disposition="replace", columns=RATE_CARD_COLUMNS)
+
+
+def changed(table: str, rows: list[dict[str, Any]]) -> bool:
+    """Whether `rows` differ from what was last loaded into `table`; remembers them if so.
+
+    A list rarely changes between two scheduled runs: writing it again would cost every run a
+    load job per table, and would make the models look changed when nothing is. The digests are
+    kept in the source's state, so one is committed with the load that wrote its rows, or not
+    at all.
+    """
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    digests = dlt.current.source_state().setdefault("list_digests", {})
+    if digests.get(table) == digest:
+        return False
+    digests[table] = digest
+    return True
 
 
 # every list's rows carry the organization they are of (see `records.ORGANIZATION_COLUMN`)
 ORGANIZATION: TTableSchemaColumns = {ORGANIZATION_COLUMN: {"name": ORGANIZATION_COLUMN, "data_type": "text", "nullable": False}}
 
 
-def name_resources(config: Settings, client: UsageClient | None = None) -> list[DltResource]:
+def name_resources(config: Settings, client: UsageClient | None = None, *, every_run: bool = False) -> list[DltResource]:
     """A resource per list; each uses `client`, or a client of its own that it closes.
+
+    A list is written only when it changed (see `changed`), or on every run with `every_run`:
+    loaded with `replace` (the filesystem destination), a table the run includes without rows
+    would be emptied.
 
     Several organizations may share a dataset, so each list is replaced per organization: its
     rows carry `organization_id`, and a load deletes that organization's rows before it inserts
     (dlt's delete-insert merge on that key). A list the key may not read keeps what it had.
     """
-    return [_name_resource(table, config, client) for table in CATALOG]
+    return [_name_resource(table, config, client, every_run) for table in CATALOG]
 
 
-def _name_resource(table: str, config: Settings, client: UsageClient | None) -> DltResource:
+def _name_resource(table: str, config: Settings, client: UsageClient | None, every_run: bool) -> DltResource:
     path, key, to_row, columns = CATALOG[table]
     id_column = next(iter(columns))  # a list's rows are keyed by their first column
 
@@ -127,6 +150,8 @@ def _name_resource(table: str, config: Settings, client: UsageClient | None) -> 
             except OnaApiError as exc:
                 logger.warning("%s are left out (their names stay unknown): %s", table.replace("_", " "), exc)
                 return
-        yield [{**row, ORGANIZATION_COLUMN: organization_id} for row in map(to_row, items) if row[id_column]]
+        rows = [{**row, ORGANIZATION_COLUMN: organization_id} for row in map(to_row, items) if row[id_column]]
+        if every_run or changed(table, rows):
+            yield rows
 
     return names

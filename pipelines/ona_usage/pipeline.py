@@ -119,9 +119,10 @@ def _run(
             _check_organization(pipeline, config, state, organization_id)
             if windows is None:
                 windows, result.already_done = _plan(config, state, now, backfill, force)
-            rows_before, fingerprint = _table_rows(pipeline), inputs_fingerprint(pipeline)
+            touched_from = min((w.start for w in windows), default=None)
+            rows_before, fingerprint = _table_rows(pipeline), inputs_fingerprint(pipeline, touched_from)
             traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result, organization_id)
-            if result.chunks and refresh_models(pipeline, unchanged_since=fingerprint):
+            if result.chunks and refresh_models(pipeline, unchanged_since=fingerprint, touched_from=touched_from):
                 traces.append(pipeline.last_trace)
             _save_trace(pipeline, traces)
             _prune_loaded_packages(pipeline, result)
@@ -192,7 +193,7 @@ def _load_chunks(
 
 def _extras(config: Settings, client: UsageClient) -> list:
     """What rides with the first load: the lists of names, and the rate card."""
-    extras = name_resources(config, client) if config.names else []
+    extras = name_resources(config, client, every_run=config.destination == "filesystem") if config.names else []
     return extras + ([rate_card_resource(config)] if config.rate_card else [])
 
 
