@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	# An editable install leaves the package uncompiled, and PYTHONDONTWRITEBYTECODE (set on
+	# many CI and container images) keeps Python from caching it: every run would compile it.
+	$(BIN)/python -m compileall -q pipelines > /dev/null
 	touch $(STAMP)
 
 demo: install

@@ -329,6 +329,100 @@ def test_never_more_windows_fetched_ahead_than_the_lookahead(workers: int, looka
     assert max(ahead) == expected
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_no_window_starts_once_those_waiting_hold_max_rows(workers: int) -> None:
+    """However many rows a window holds, what waits to be taken stays under `max_rows` plus
+    what was already running when that bound was reached."""
+    count, pages, max_rows = 12, 3, 10  # 6 rows a window
+    per_window = pages * ROWS_PER_PAGE
+    windows = hours(count)
+    client = FakeClient(windows, SimpleNamespace(limit=8), pages=lambda k: pages)
+    with WindowFetcher(client, windows, None, workers, lookahead=count, max_rows=max_rows) as fetcher:  # type: ignore[arg-type]
+        for k in range(count):
+            # quiet: all started windows are done, and nothing more starts
+            client.wait_for(lambda: client.running == 0 and len(client.finished) == len(client.started), "a quiet fetcher")
+            time.sleep(QUIET)
+            started, running = client.snapshot()
+            waiting = (len(started) - k) * per_window
+            assert running == 0 and started == list(range(len(started)))
+            assert waiting < max_rows + workers * per_window, (k, started)
+            assert waiting >= max_rows or len(started) == count, (k, started)  # and not stalled below it
+            if workers == 1:  # one at a time: exactly as many windows as reach the bound
+                assert waiting == min(2 * per_window, (count - k) * per_window), (k, started)
+            assert_window(call(fetcher.next), windows, k, pages)
+    assert client.started == list(range(count))
+
+
+class PagingClient(FakeClient):
+    """Serves each window's pages one by one, as the API does, counting the pages each has read."""
+
+    def __init__(self, windows: list[Window], limit: Any, pages: int, hold: tuple[int, int, threading.Event] | None = None) -> None:
+        super().__init__(windows, limit)
+        self.count = pages
+        self.served = [0] * len(windows)
+        self.hold = hold  # (window, page, event): that window stops before that page until the event is set
+
+    def raw_pages(self, window: Window, project_id: str | None = None) -> Iterator[bytes]:  # type: ignore[override]
+        k = self.index[window]
+        for p in range(self.count):
+            if self.hold and self.hold[:2] == (k, p):
+                assert self.hold[2].wait(WAIT)
+            with self.cond:
+                self.served[k] += 1
+                self.cond.notify_all()
+            yield page_body(window, k, p, p == self.count - 1)
+
+    def quiet(self) -> list[int]:
+        """The pages each window has read, once no window reads any more."""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            with self.cond:
+                before = list(self.served)
+            time.sleep(QUIET)
+            with self.cond:
+                if self.served == before:
+                    return before
+        raise AssertionError(f"the windows never stopped paging: {self.served}")
+
+
+def test_windows_behind_the_first_stop_paging_while_the_rows_held_reach_max_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dense window does not hold its whole day in memory: the windows behind the one `next()`
+    waits for pause between pages once the rows held reach `max_rows`, and go on as room is made."""
+    monkeypatch.setattr(WindowFetcher, "DECODE_PAGES", 5)  # 10 rows per decode
+    count, pages, max_rows, workers = 4, 40, 30, 4  # 80 rows a window
+    windows = hours(count)
+    client = PagingClient(windows, SimpleNamespace(limit=8), pages)
+
+    with WindowFetcher(client, windows, None, workers, lookahead=count, max_rows=max_rows) as fetcher:  # type: ignore[arg-type]
+        for k in range(count):
+            served = client.quiet()
+            behind = served[k + 1 :]
+            assert all(n < pages for n in behind), served  # the others paused part-way ...
+            held = sum(min(n, pages) for n in behind) * ROWS_PER_PAGE
+            assert held < max_rows + workers * WindowFetcher.DECODE_PAGES * ROWS_PER_PAGE, served  # ... near the bound
+            assert_window(call(fetcher.next), windows, k, pages)  # the window `next()` waits for never waits
+    assert client.served == [pages] * count
+
+
+def test_the_window_next_waits_for_reads_on_though_the_rows_held_reach_max_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taken while it is still paging and the others have filled the room, the first window
+    goes on to its end: it is what frees the room."""
+    monkeypatch.setattr(WindowFetcher, "DECODE_PAGES", 5)
+    count, pages, max_rows = 3, 40, 30
+    windows = hours(count)
+    release = threading.Event()
+    client = PagingClient(windows, SimpleNamespace(limit=8), pages, hold=(0, 12, release))
+    with WindowFetcher(client, windows, None, 3, lookahead=count, max_rows=max_rows) as fetcher:  # type: ignore[arg-type]
+        served = client.quiet()
+        assert all(n < pages for n in served), served  # the room is full: all wait, window 0 at the latest at page 12
+        taking = ThreadPoolExecutor(1).submit(fetcher.next)
+        time.sleep(QUIET)  # `next()` now waits for window 0, which is held mid-window
+        release.set()
+        assert_window(taking.result(WAIT), windows, 0, pages)
+        for k in range(1, count):
+            assert_window(call(fetcher.next), windows, k, pages)
+
+
 # -- failures ----------------------------------------------------------------------------------
 
 

@@ -166,7 +166,7 @@ def _load_chunks(
     stats.windows_total = len(windows)
     size = config.windows_per_chunk
     traces = []
-    with WindowFetcher(client, windows, config.project_id, config.workers, lookahead=size) as fetcher:
+    with WindowFetcher(client, windows, config.project_id, config.workers, lookahead=size, max_rows=config.chunk_rows) as fetcher:
         feed = Feed(
             windows, fetcher, fetched_at=now, organization_id=organization_id, stats=stats,
             max_windows=size, max_seconds=config.chunk_seconds, max_rows=config.chunk_rows,

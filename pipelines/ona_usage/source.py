@@ -271,7 +271,7 @@ def _own_feed(
     windows = plan_windows(config, state, now, backfill)
     with make_client(config) as client:
         organization_id = client.organization_id()
-        with WindowFetcher(client, windows, config.project_id, config.workers) as fetcher:
+        with WindowFetcher(client, windows, config.project_id, config.workers, max_rows=config.chunk_rows) as fetcher:
             yield Feed(windows, fetcher, fetched_at=now, organization_id=organization_id)
 
 
@@ -321,20 +321,37 @@ class WindowFetcher:
     dlt normalizes and loads the previous chunk, so the API is not idle while the warehouse
     works; a chunk's worth of lookahead keeps both busy. Of those, it runs at most as many at
     once as the client's adaptive limit allows (see `concurrency.py`), up to `workers`.
+
+    Memory stays bounded however busy the organization: a window's pages are decoded every
+    `DECODE_PAGES`, and once the windows running and ready hold `max_rows` records, no window
+    starts and none but the one `next()` waits for reads on; taking a window makes room.
     """
 
+    DECODE_PAGES = 25  # pages decoded at once: most of the speed of a window at once, little of its memory
+
     def __init__(
-        self, client: UsageClient, windows: list[Window], project_id: str | None, workers: int, lookahead: int = 0
+        self,
+        client: UsageClient,
+        windows: list[Window],
+        project_id: str | None,
+        workers: int,
+        lookahead: int = 0,
+        max_rows: int | None = None,
     ) -> None:
         self._client = client
         self._project_id = project_id
         self._todo = iter(windows)
         self._workers = max(workers, 1)
         self._lookahead = max(2 * self._workers, lookahead)
+        self._max_rows = max_rows
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="ona-window")
-        self._pending: deque[Future[tuple[Window, int, pa.Table]]] = deque()
+        self._pending: deque[tuple[Window, Future[tuple[Window, int, pa.Table]]]] = deque()
         self._running = 0
-        self._lock = threading.Lock()  # `_fill` runs on the consumer thread and on the workers
+        self._held_rows = 0  # decoded, in windows running or ready and not yet taken
+        self._closed = False
+        self._wanted: Window | None = None  # the window `next()` waits for
+        # `_fill` runs on the consumer thread and on the workers; workers wait on it for room
+        self._room = threading.Condition()
         self._fill()
 
     def __enter__(self) -> WindowFetcher:
@@ -345,34 +362,80 @@ class WindowFetcher:
 
     def next(self) -> tuple[Window, int, pa.Table]:
         """The next window's page count and table; raises what fetching it raised."""
-        with self._lock:
-            future = self._pending.popleft()
+        with self._room:
+            self._wanted, future = self._pending.popleft()
+            self._room.notify_all()  # the window waited for never waits for room
         self._fill()
-        return future.result()
+        result = future.result()
+        with self._room:
+            self._held_rows -= result[2].num_rows
+            self._room.notify_all()
+        self._fill()
+        return result
 
     def close(self) -> None:
-        with self._lock:
+        with self._room:
+            self._closed = True
             self._todo = iter(())
-            for future in self._pending:
+            for _, future in self._pending:
                 future.cancel()
+            self._room.notify_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _fill(self) -> None:
-        with self._lock:
-            while len(self._pending) < self._lookahead and self._running < min(self._client.limit.limit, self._workers):
-                window = next(self._todo, None)
-                if window is None:
-                    return
-                self._running += 1
-                self._pending.append(self._pool.submit(self._fetch, window))
+        with self._room:
+            self._fill_locked()
+
+    def _fill_locked(self) -> None:
+        while (
+            len(self._pending) < self._lookahead
+            and self._running < min(self._client.limit.limit, self._workers)
+            and not self._full()
+        ):
+            window = next(self._todo, None)
+            if window is None:
+                return
+            self._running += 1
+            self._pending.append((window, self._pool.submit(self._fetch, window)))
+
+    def _full(self) -> bool:
+        return self._max_rows is not None and self._held_rows >= self._max_rows
 
     def _fetch(self, window: Window) -> tuple[Window, int, pa.Table]:
+        tables: list[pa.Table] = []
+        pages: list[bytes] = []
+        count = 0
         try:
-            pages = list(self._client.raw_pages(window, self._project_id))
-            return window, len(pages), from_pages(pages, window)
+            for page in self._client.raw_pages(window, self._project_id):
+                pages.append(page)
+                count += 1
+                if len(pages) == self.DECODE_PAGES:
+                    tables.append(self._decode(pages, window))
+                    pages = []
+            tables.append(self._decode(pages, window))
+            return window, count, pa.concat_tables(tables)
+        except BaseException:
+            with self._room:
+                self._held_rows -= sum(t.num_rows for t in tables)
+            raise
         finally:
             # Before the result is set, not in a done callback: `next()` may be waiting on this
             # window, and must find the following one already submitted when it returns.
-            with self._lock:
+            with self._room:
                 self._running -= 1
             self._fill()
+
+    def _decode(self, pages: list[bytes], window: Window) -> pa.Table:
+        """Pages as a table, counted against `max_rows`; waits for room before reading on."""
+        table = from_pages(pages, window)
+        with self._room:
+            self._held_rows += table.num_rows
+            while self._full() and not self._closed and window != self._wanted:
+                self._room.wait()
+            if self._closed:
+                raise CancelledFetch(window)
+        return table
+
+
+class CancelledFetch(Exception):
+    """The fetcher closed while this window waited for room."""
