@@ -23,11 +23,18 @@ The history ends at a fixed `--end` (default 2026-11-01), while ona-usage always
 the real now: the days between cost it one (empty) request each, a handful next to the
 thousands of pages of a case. The baseline sends `--end` as its `endTime`.
 
-Results: a table on stdout, `benchmarks/results/latest.json`, and a bar chart of rows/s in
-`benchmarks/results/latest.png` (needs matplotlib; skipped with a note without it).
+Results: a table on stdout, `benchmarks/results/latest.json`, a bar chart of rows/s against the
+baseline in `benchmarks/results/latest.png`, and time and memory against records in
+`benchmarks/results/latest-scale.png` (charts need matplotlib; skipped with a note without it).
 
-    .venv/bin/python benchmarks/run.py                # both cases, 3 ona-usage rounds, 1 baseline round
+    .venv/bin/python benchmarks/run.py                # every case (about 25 minutes)
+    .venv/bin/python benchmarks/run.py --cases a,b    # the two headline cases, 3 ona-usage rounds, 1 baseline round
     .venv/bin/python benchmarks/run.py --quick        # case b only, one round of each
+
+Cases `a`, `b` and `c` run the baseline beside ona-usage (3 ona-usage rounds); the scale series
+(`s100k`, `s3m`, `s10m`, `s1m50`, with `a`, `b` and `c`), the dense organization (`dense`: three
+million records in 120 days) and the long latency (`l100`: 100 ms a request, compared with
+what the latency alone costs at 16 requests in flight) run ona-usage once.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ona_emulator import EmulatorServer, UsageStore, generate_organisation
+from ona_emulator import EmulatorServer, UsageStore, organisation_records
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -67,6 +74,7 @@ API_KEY = "emulator-key"
 TABLE = "ona.environment_usage_records"
 DEFAULT_END = "2026-11-01T00:00:00Z"  # fixed, so every run serves the same records
 DEFAULT_SEED = 42
+WORKERS = 16  # ona-usage's default --workers: windows in flight at most
 
 
 @dataclass(frozen=True)
@@ -76,12 +84,26 @@ class Case:
     records: int
     days: int
     latency_ms: float
+    baseline: bool = True  # whether the baseline runs too (it takes minutes per million records)
+    rounds: int | None = None  # ona-usage rounds; None: --rounds
+    series: str = ""  # the chart line it belongs to: "0 ms", "50 ms"; "" for none
 
 
+# The headline cases (a, b, c) run the baseline beside ona-usage; the scale series adds sizes the
+# baseline would take too long for, a dense organization (the year's records in 120 days), and a
+# long latency, where the question is how close the sync stays to what the concurrency allows.
 CASES = {
-    "a": Case("a", "1M records, 365 d, 0 ms", 1_000_000, 365, 0.0),
-    "b": Case("b", "100k records, 365 d, 50 ms", 100_000, 365, 50.0),
+    "a": Case("a", "1M records, 365 d, 0 ms", 1_000_000, 365, 0.0, series="0 ms"),
+    "b": Case("b", "100k records, 365 d, 50 ms", 100_000, 365, 50.0, series="50 ms"),
+    "c": Case("c", "200k records, 365 d, 0 ms", 200_000, 365, 0.0, series="0 ms"),
+    "s100k": Case("s100k", "100k records, 365 d, 0 ms", 100_000, 365, 0.0, baseline=False, rounds=1, series="0 ms"),
+    "s3m": Case("s3m", "3M records, 365 d, 0 ms", 3_000_000, 365, 0.0, baseline=False, rounds=1, series="0 ms"),
+    "s10m": Case("s10m", "10M records, 365 d, 0 ms", 10_000_000, 365, 0.0, baseline=False, rounds=1, series="0 ms"),
+    "s1m50": Case("s1m50", "1M records, 365 d, 50 ms", 1_000_000, 365, 50.0, baseline=False, rounds=1, series="50 ms"),
+    "dense": Case("dense", "3M records, 120 d, 0 ms", 3_000_000, 120, 0.0, baseline=False, rounds=1),
+    "l100": Case("l100", "1M records, 365 d, 100 ms", 1_000_000, 365, 100.0, baseline=False, rounds=1),
 }
+DEFAULT_CASES = "a,b,c,s100k,s3m,s10m,s1m50,dense,l100"
 
 
 def log(message: str) -> None:
@@ -273,7 +295,7 @@ def run_case(case: Case, args: argparse.Namespace, scratch: Path) -> dict[str, A
 
     log(f"case {case.key} ({case.label}): generating the organisation")
     t0 = time.perf_counter()
-    store = UsageStore(generate_organisation(args.seed, start, end, case.records))
+    store = UsageStore(organisation_records(args.seed, start, end, case.records))
     store.page(0, 0, "", 0, 0)  # build the sorted index before any request
     generated_s = time.perf_counter() - t0
     truth = build_truth(store, start, end)
@@ -284,12 +306,13 @@ def run_case(case: Case, args: argparse.Namespace, scratch: Path) -> dict[str, A
     server = EmulatorServer(store, api_key=API_KEY, latency=case.latency_ms / 1000).start()
     runs: list[dict[str, Any]] = []
     ona = ona_usage_executable()
-    rounds = max(args.rounds, args.baseline_rounds)
+    ona_rounds = case.rounds if case.rounds is not None and not args.quick else args.rounds
+    baseline_rounds = args.baseline_rounds if case.baseline and not args.skip_baseline else 0
     try:
-        for round_no in range(rounds):
-            if round_no < args.rounds:
+        for round_no in range(max(ona_rounds, baseline_rounds)):
+            if round_no < ona_rounds:
                 runs += run_ona_usage(case, args, scratch, server, ona, start_date, truth, round_no)
-            if round_no < args.baseline_rounds and not args.skip_baseline:
+            if round_no < baseline_rounds:
                 runs += run_baseline(case, args, scratch, server, start_date, end, truth, round_no)
     finally:
         server.stop()
@@ -304,8 +327,9 @@ def run_case(case: Case, args: argparse.Namespace, scratch: Path) -> dict[str, A
         "end": args.end,
         "seed": args.seed,
         "generate_s": generated_s,
+        "series": case.series,
         "runs": runs,
-        "summary": summarise(runs, truth.num_rows),
+        "summary": summarise(runs, truth.num_rows, case.latency_ms),
     }
     del store, truth, server
     gc.collect()
@@ -402,7 +426,7 @@ def run_baseline(
 # -- summary --------------------------------------------------------------------------------
 
 
-def summarise(runs: list[dict[str, Any]], rows: int) -> dict[str, Any]:
+def summarise(runs: list[dict[str, Any]], rows: int, latency_ms: float = 0.0) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for tool in ("ona-usage", "baseline"):
         for kind in ("full", "no-op"):
@@ -431,6 +455,11 @@ def summarise(runs: list[dict[str, Any]], rows: int) -> dict[str, Any]:
                 "load_average_1m_max": max(r["load_average_1m"] for r in chosen),
             }
     ona, base = summary.get("ona-usage/full"), summary.get("baseline/full")
+    if ona and latency_ms:
+        # What the latency alone costs at the concurrency ona-usage uses (its --workers, 16 by
+        # default): every request waits `latency_ms`, 16 at a time. No sync can beat it.
+        floor = ona["requests_median"] * latency_ms / 1000 / WORKERS
+        summary["latency_floor"] = {"seconds": floor, "workers": WORKERS, "over_floor": ona["wall_s_median"] / floor - 1}
     if ona and base:
         summary["ratio_ona_over_baseline"] = {
             "wall": ona["wall_s_median"] / base["wall_s_median"],
@@ -478,6 +507,13 @@ def print_table(cases: list[dict[str, Any]]) -> None:
             print("  ".join("-" * w for w in widths))
     print()
     for case in cases:
+        floor = case["summary"].get("latency_floor")
+        if floor:
+            print(
+                f"case {case['case']}: the latency alone ({case['latency_ms']:.0f} ms a request, {floor['workers']} at once) "
+                f"takes {floor['seconds']:.1f} s; ona-usage took {floor['over_floor']:+.0%} over that"
+            )
+    for case in cases:
         for key, stats in case["summary"].items():
             if "/" in key and stats.get("emulator_pages_per_cpu_s_median"):
                 print(
@@ -486,29 +522,94 @@ def print_table(cases: list[dict[str, Any]]) -> None:
                 )
 
 
-def plot(cases: list[dict[str, Any]], path: Path) -> str | None:
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(cases: list[dict[str, Any]], path: Path) -> str | None:
+    """Rows/s of both tools, side by side, for the cases the baseline ran."""
+    plt = _pyplot()
+    if plt is None:
         return "matplotlib is not installed: no PNG (pip install matplotlib)"
-    fig, axes = plt.subplots(1, len(cases), figsize=(max(7.0, 5.5 * len(cases)), 4.8), squeeze=False)
+    cases = [c for c in cases if "baseline/full" in c["summary"] and "ona-usage/full" in c["summary"]]
+    if not cases:
+        return "no case ran both tools: no comparison chart"
+    fig, axes = plt.subplots(1, len(cases), figsize=(max(7.0, 5.0 * len(cases)), 4.8), squeeze=False)
     colours = {"ona-usage": "#2a7ab9", "baseline": "#b0b0b0"}
     for ax, case in zip(axes[0], cases):
-        tools = [t for t in ("ona-usage", "baseline") if f"{t}/full" in case["summary"]]
+        tools = ["ona-usage", "baseline"]
         values = [case["summary"][f"{t}/full"]["rows_per_s"] for t in tools]
         bars = ax.bar(tools, values, color=[colours[t] for t in tools])
         for bar, value, tool in zip(bars, values, tools):
             wall = case["summary"][f"{tool}/full"]["wall_s_median"]
             ax.annotate(f"{value:,.0f} rows/s\n({wall:.1f} s)", (bar.get_x() + bar.get_width() / 2, value),
                         ha="center", va="bottom", fontsize=9)
-        ax.set_title(f"case {case['case']}: {case['label']}\n{case['records']:,} rows", fontsize=10)
+        ratio = case["summary"]["ratio_ona_over_baseline"]["wall"]
+        ax.set_title(f"case {case['case']}: {case['label']}\n{case['records']:,} rows, {1 / ratio:.1f}x", fontsize=10)
         ax.set_ylabel("rows/s (higher is better)")
-        ax.set_ylim(0, max(values) * 1.25 if values else 1)
+        ax.set_ylim(0, max(values) * 1.25)
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle("Ona usage records into DuckDB\nona-usage vs dlt rest_api source (median wall time)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def plot_scale(cases: list[dict[str, Any]], path: Path) -> str | None:
+    """Wall time and peak memory against records, per latency series, the baseline beside."""
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed: no PNG (pip install matplotlib)"
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
+    styles = {"0 ms": ("#2a7ab9", "o"), "50 ms": ("#e08a1e", "s")}
+    plotted = False
+    for series, (colour, marker) in styles.items():
+        for tool, face in (("ona-usage", colour), ("baseline", "white")):
+            points = sorted(
+                (c["records"], c["summary"][f"{tool}/full"])
+                for c in cases
+                if c.get("series") == series and f"{tool}/full" in c["summary"]
+            )
+            if not points:
+                continue
+            plotted = True
+            records = [n for n, _ in points]
+            label = f"{tool}, {series}"
+            style = {"color": colour, "marker": marker, "markerfacecolor": face, "linestyle": "-" if tool == "ona-usage" else ":"}
+            time_ax.plot(records, [p["wall_s_median"] for _, p in points], label=label, **style)
+            memory_ax.plot(records, [p["peak_rss_mb_max"] for _, p in points], label=label, **style)
+            for n, p in points:
+                time_ax.annotate(f"{p['wall_s_median']:.1f} s", (n, p["wall_s_median"]), textcoords="offset points",
+                                 xytext=(4, -10 if tool == "ona-usage" else 4), fontsize=7)
+    for case in cases:
+        if case["case"] == "dense" and "ona-usage/full" in case["summary"]:
+            point = case["summary"]["ona-usage/full"]
+            time_ax.plot([case["records"]], [point["wall_s_median"]], "D", color="#6a3d9a", label=case["label"])
+            memory_ax.plot([case["records"]], [point["peak_rss_mb_max"]], "D", color="#6a3d9a", label=case["label"])
+    if not plotted:
+        plt.close(fig)
+        return "no scale series ran: no scale chart"
+    memory_ax.axhline(500, color="#999999", linestyle="--", linewidth=0.8)
+    memory_ax.annotate("500 MB", (memory_ax.get_xlim()[0], 500), textcoords="offset points", xytext=(4, 3), fontsize=7, color="#666666")
+    for ax, ylabel in ((time_ax, "wall time, s (log)"), (memory_ax, "peak RSS, MB")):
+        ax.set_xscale("log")
+        ax.set_xlabel("records in the sync (log)")
+        ax.set_ylabel(ylabel)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(True, which="major", linewidth=0.3)
+    time_ax.set_yscale("log")
+    memory_ax.set_ylim(bottom=0)
+    time_ax.legend(fontsize=8)
+    memory_ax.legend(fontsize=8)
+    fig.suptitle("ona-usage: a year's first sync into DuckDB, by size (the emulator on 127.0.0.1)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -563,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="fresh ona-usage runs per case (default %(default)s)")
     parser.add_argument("--baseline-rounds", type=int, default=1, help="baseline runs per case (default %(default)s; minutes each)")
     parser.add_argument("--quick", action="store_true", help="case b only, one round of each tool")
-    parser.add_argument("--cases", default="a,b", help="cases to run, of a,b (default %(default)s)")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"cases to run, of {','.join(CASES)} (default %(default)s)")
     parser.add_argument("--skip-baseline", action="store_true", help="run ona-usage only")
     parser.add_argument("--baseline-noop", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the baseline's incremental re-run (default: yes)")
@@ -609,9 +710,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    png = args.output.with_suffix(".png")
-    problem = plot(cases, png)
-    print(f"wrote {args.output}" + (f" and {png}" if problem is None else f" ({problem})"))
+    png, scale_png = args.output.with_suffix(".png"), args.output.with_name(args.output.stem + "-scale.png")
+    for chart, problem in ((png, plot(cases, png)), (scale_png, plot_scale(cases, scale_png))):
+        print(f"wrote {chart}" if problem is None else f"no {chart.name}: {problem}")
+    print(f"wrote {args.output}")
     if not result["all_checks_passed"]:
         print("bench: some correctness checks FAILED (see the json)", file=sys.stderr)
         return 1

@@ -121,7 +121,7 @@ def test_the_pipeline_folder_does_not_grow_with_scheduled_runs(workdir, store, e
     folder = workdir / "dlt-data" / "pipelines" / "ona_usage"
     run_sync(config(emulator, start_date=days_ago(4)))
     store.add(make_records(pendulum.now("UTC").subtract(minutes=40), 20, "run-first"))
-    run_sync(config(emulator))  # a scheduled run with something new: a usage load and a models load
+    run_sync(config(emulator))  # a scheduled run with something new: a usage load and a load per model
     after_two = folder_size(folder)
     loaded_after_two = sorted(p.name for p in (folder / "load" / "loaded").iterdir())
     for n in range(12):
@@ -129,7 +129,7 @@ def test_the_pipeline_folder_does_not_grow_with_scheduled_runs(workdir, store, e
         run_sync(config(emulator))
 
     loaded = list((folder / "load" / "loaded").iterdir())
-    assert len(loaded) == len(loaded_after_two) == 2  # the last command's usage load and its models' load
+    assert len(loaded) == len(loaded_after_two) == 3  # the last command's usage load and its two models' loads
     assert folder_size(folder) < after_two * 1.25
     assert not list(folder.rglob("*.parquet"))  # no copies of usage data outside the warehouse
     assert_table_equals(workdir / DB, store.records())

@@ -17,6 +17,7 @@ _WHERE = {
     "generate_organisation": ".generator",
     "generate_records": ".generator",
     "organisation_names": ".generator",
+    "organisation_records": ".generator",
     "parse_rfc3339_ns": ".rfc3339",
 }
 

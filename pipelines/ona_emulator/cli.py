@@ -136,7 +136,7 @@ def faults_from_args(ns: argparse.Namespace) -> FaultConfig:
 def serve_from_args(ns: argparse.Namespace) -> int:
     """Generate the data, serve it, and block until SIGINT/SIGTERM."""
     from .data import UsageStore
-    from .generator import generate_organisation, organisation_names
+    from .generator import organisation_names, organisation_records
     from .server import EmulatorServer
 
     try:
@@ -146,7 +146,7 @@ def serve_from_args(ns: argparse.Namespace) -> int:
         raise SystemExit(2) from None  # also under `ona-usage emulator`, which ignores our return
     end = ns.end or pendulum.now("UTC")
     start = end.subtract(days=ns.days)
-    store = UsageStore(generate_organisation(ns.seed, start, end, ns.records), ingestion_lag=faults.ingestion_lag)
+    store = UsageStore(organisation_records(ns.seed, start, end, ns.records), ingestion_lag=faults.ingestion_lag)
     store.names = organisation_names(ns.seed)
     store.page(0, 0, "", 0, 0)  # build the sorted index now, not on the first request
     server = EmulatorServer(

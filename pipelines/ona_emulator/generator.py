@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
+from collections.abc import Iterator
 from typing import Any
 
 from .rfc3339 import format_rfc3339, to_ns
@@ -124,17 +125,23 @@ def generate_organisation(
     agree on the days they share: a later emulator holds the earlier one's records and more.
     Records stopping after the store's "now" stay invisible until their time comes.
     """
+    return list(organisation_records(seed, start, end, count))
+
+
+def organisation_records(
+    seed: int, start: dt.datetime | str, end: dt.datetime | str, count: int
+) -> Iterator[dict[str, Any]]:
+    """`generate_organisation`'s records a day at a time: a store of ten million fills without
+    holding them all as dicts at once."""
     first = to_ns(start) // _NS_PER_DAY
     last = (to_ns(end) - 1) // _NS_PER_DAY
     days = last - first + 1
     per_day = max(count // max(days, 1), 1)
-    records: list[dict[str, Any]] = []
     for day in range(first, last + 1):
         day_start = day * _NS_PER_DAY
-        records += generate_records(
+        yield from generate_records(
             seed, _instant(day_start), _instant(day_start + _NS_PER_DAY), per_day, stream=str(day)
         )
-    return records
 
 
 def _instant(ns: int) -> str:

@@ -448,11 +448,11 @@ def cmd_demo(args: argparse.Namespace, secrets: Secrets) -> int:
         result = _with_progress(args, "sync", lambda stats: run_sync(config, stats))
     else:
         import pendulum
-        from ona_emulator import EmulatorServer, UsageStore, generate_organisation, organisation_names
+        from ona_emulator import EmulatorServer, UsageStore, organisation_names, organisation_records
 
         end = pendulum.now("UTC")
         start = end.subtract(days=args.days)
-        store = UsageStore(generate_organisation(42, start, end, args.records))
+        store = UsageStore(organisation_records(42, start, end, args.records))
         store.names = organisation_names(42)
         with EmulatorServer(store) as server:
             print(f"No API key given: syncing {len(store.records()):,} synthetic records from the local emulator at {server.url}")

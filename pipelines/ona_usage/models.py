@@ -28,6 +28,7 @@ import sqlglot
 from dlt.common.schema.typing import TTableSchemaColumns
 from dlt.extract.resource import DltResource
 from dlt.extract.source import DltSource
+from dlt.pipeline.trace import PipelineTrace
 
 from ona_usage.state import CURSOR_COLUMN, RESOURCE_NAME
 
@@ -168,8 +169,9 @@ def ona_usage_models(pipeline: dlt.Pipeline) -> DltSource:
     return source_of([_model(pipeline, name) for name in MODELS])
 
 
-def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None, touched_from: datetime | None = None) -> bool:
-    """Load the models after the usage; False where there is nothing to model, no SQL, or no change.
+def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None, touched_from: datetime | None = None) -> list[PipelineTrace]:
+    """Load the models after the usage, and return the runs' traces: none where there is nothing
+    to model, no SQL, or no change.
 
     `unchanged_since` is `inputs_fingerprint(pipeline, touched_from)` from before the command's
     loads: when the inputs still have it (a scheduled run that only read its lookback again),
@@ -177,14 +179,19 @@ def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None, t
     """
     if not has_sql(pipeline):
         logger.info("no models on the %s destination", pipeline.destination.destination_name)
-        return False
+        return []
     loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
     if RESOURCE_NAME not in loaded:
-        return False  # no usage loaded yet
+        return []  # no usage loaded yet
     if unchanged_since is not None and set(MODELS) <= loaded and inputs_fingerprint(pipeline, touched_from) == unchanged_since:
-        return False
-    pipeline.run(ona_usage_models(pipeline))
-    return True
+        return []
+    # One model per run: dlt extracts a source's resources round-robin, which would keep both
+    # queries open at once, and DuckDB would need twice the memory (the sync caps it).
+    traces = []
+    for model in MODELS:
+        pipeline.run(ona_usage_models(pipeline).with_resources(model))
+        traces.append(pipeline.last_trace)
+    return traces
 
 
 def inputs_fingerprint(pipeline: dlt.Pipeline, touched_from: datetime | None = None) -> str | None:

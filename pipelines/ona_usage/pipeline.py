@@ -122,8 +122,10 @@ def _run(
             touched_from = min((w.start for w in windows), default=None)
             rows_before, fingerprint = _table_rows(pipeline), inputs_fingerprint(pipeline, touched_from)
             traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result, organization_id)
-            if result.chunks and refresh_models(pipeline, unchanged_since=fingerprint, touched_from=touched_from):
-                traces.append(pipeline.last_trace)
+            if result.chunks:
+                models = refresh_models(pipeline, unchanged_since=fingerprint, touched_from=touched_from)
+                traces += models
+                result.load_infos += [t.last_load_info for t in models if t and t.last_load_info]
             _save_trace(pipeline, traces)
             _prune_loaded_packages(pipeline, result)
             result.cursor = read_state(pipeline).cursor
