@@ -282,3 +282,27 @@ def test_the_out_extension_chooses_the_format_and_a_clash_is_an_error(workdir, s
     assert cli_main(["report", "--format", "html", "--out", str(workdir / "chart2.png")]) == 2
     assert capsys.readouterr().err == (f"ona-usage: error: --format html and --out {workdir / 'chart2.png'} disagree; "
                                        "drop one, or give the file a .html name\n")
+
+
+def test_models_a_failed_refresh_left_behind_are_rebuilt_by_the_next_run(workdir, monkeypatch):
+    configure(monkeypatch)
+    store = organisation()
+    with EmulatorServer(store, api_key=API_KEY) as emulator:
+        sync(emulator)
+        built = load_ids(str(workdir / DB))["environment_usage_daily"]
+        store.add(make_records(pendulum.now("UTC").subtract(minutes=30), 3, "late"))
+        import ona_usage.models as models
+
+        def broken(pipeline: Any) -> Any:
+            raise RuntimeError("the warehouse ran out of memory")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(models, "ona_usage_models", broken)
+            with pytest.raises(RuntimeError):
+                sync(emulator)  # the new rows are committed; the models are not rebuilt
+        assert load_ids(str(workdir / DB))["environment_usage_daily"] == built
+        sync(emulator)  # loads nothing new, and still rebuilds the stale models
+    assert load_ids(str(workdir / DB))["environment_usage_daily"] != built
+    with duckdb.connect(str(workdir / DB), read_only=True) as conn:
+        rows = conn.execute(SELECT.format(dataset="ona")).fetchall()
+    assert_daily(rows, expected_daily(store, store.organization_id), store.names)

@@ -423,3 +423,16 @@ def test_a_sync_waits_for_a_reader_and_says_who_holds_the_file_when_it_stays(wor
     assert code == 1
     assert err.count("\n") == 1 and err.startswith(f"ona-usage: error: {workdir / DB} is open in another process (")
     assert "close it there (a notebook, a BI tool), or let the other run finish" in err
+
+
+def test_duckdb_out_of_memory_names_the_setting_and_keeps_what_was_committed(workdir, store, emulator, capsys):
+    store.add(recent_records(3_000, days=3))
+    env = {"ONA_API_KEY": API_KEY, "SOURCES__ONA_USAGE__DUCKDB_MEMORY_LIMIT": "1MB"}
+    done = cli_here(capsys, "sync", "--base-url", emulator.url, "--start", days_ago(4), env=env)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr
+    assert lines[-1].startswith("ona-usage: error: ") and "Out of Memory" in lines[-1]
+    assert "SOURCES__ONA_USAGE__DUCKDB_MEMORY_LIMIT" in lines[-1]
+    # with room, the next run finishes the job: every record once
+    assert cli_here(capsys, "sync", "--base-url", emulator.url, env={"ONA_API_KEY": API_KEY}).returncode == 0
+    assert_table_equals(workdir / DB, store.records())

@@ -557,7 +557,13 @@ def describe_error(exc: BaseException) -> str:
     cause = root_cause(exc)
     if isinstance(cause, OUR_ERRORS):
         return str(cause)
-    return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    line = f"{type(cause).__name__}: {cause}".splitlines()[0]
+    if "Out of Memory Error" in line:  # DuckDB's, under the limit the sync sets
+        line += (
+            "; raise DuckDB's memory_limit with SOURCES__ONA_USAGE__DUCKDB_MEMORY_LIMIT (or duckdb_memory_limit "
+            f"under [sources.ona_usage]), now {settings.DEFAULT_DUCKDB_MEMORY_LIMIT} by default; what was loaded stays committed"
+        )
+    return line
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -223,6 +223,27 @@ def inputs_fingerprint(pipeline: dlt.Pipeline, touched_from: datetime | None = N
     return "|".join(parts)
 
 
+def models_current(pipeline: dlt.Pipeline) -> bool:
+    """Whether both models were built after the last load of their inputs (DuckDB).
+
+    A command compares the inputs' fingerprint before and after its loads; models a failed
+    refresh left behind would look current to the next command, whose loads change nothing.
+    (The rate card is written on every run, so its loads do not count; its rows do, in the
+    fingerprint.)
+    """
+    loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True)) if pipeline.default_schema_name else set()
+    if not set(MODELS) <= loaded:
+        return False
+    with pipeline.sql_client() as client:
+
+        def newest(table: str) -> float:
+            row = client.execute_sql(f"SELECT max(_dlt_load_id) FROM {client.make_qualified_table_name(table)}")[0]
+            return float(row[0] or 0)
+
+        inputs = [newest(t) for t in (RESOURCE_NAME, *INPUTS) if t in loaded and t != "rate_card"]
+        return min(newest(m) for m in MODELS) >= max(inputs, default=0)
+
+
 def has_sql(pipeline: dlt.Pipeline) -> bool:
     return pipeline.destination.destination_name != "filesystem" and bool(
         pipeline.destination.capabilities().sqlglot_dialect

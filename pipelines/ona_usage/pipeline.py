@@ -30,7 +30,7 @@ from dlt.destinations.exceptions import DatabaseTerminalException, DatabaseUndef
 from dlt.pipeline.trace import PipelineTrace, save_trace
 
 from ona_usage.client import UsageClient, make_client
-from ona_usage.models import MODELS, has_sql, inputs_fingerprint, refresh_models
+from ona_usage.models import MODELS, has_sql, inputs_fingerprint, models_current, refresh_models
 from ona_usage.names import name_resources, rate_card_resource
 from ona_usage.settings import ConfigError, Settings
 from ona_usage.source import (
@@ -120,7 +120,10 @@ def _run(
             if windows is None:
                 windows, result.already_done = _plan(config, state, now, backfill, force)
             touched_from = min((w.start for w in windows), default=None)
-            rows_before, fingerprint = _table_rows(pipeline), inputs_fingerprint(pipeline, touched_from)
+            rows_before = _table_rows(pipeline)
+            fingerprint = inputs_fingerprint(pipeline, touched_from)
+            if fingerprint is not None and not models_current(pipeline):
+                fingerprint = None  # a refresh failed, or never ran: this command refreshes them whatever it loads
             traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result, organization_id)
             if result.chunks:
                 models = refresh_models(pipeline, unchanged_since=fingerprint, touched_from=touched_from)
