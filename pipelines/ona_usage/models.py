@@ -224,7 +224,7 @@ def inputs_fingerprint(pipeline: dlt.Pipeline, touched_from: datetime | None = N
 
 
 def models_current(pipeline: dlt.Pipeline) -> bool:
-    """Whether both models were built after the last load of their inputs (DuckDB).
+    """Whether both models were built after the last load of their inputs (DuckDB's SQL).
 
     A command compares the inputs' fingerprint before and after its loads; models a failed
     refresh left behind would look current to the next command, whose loads change nothing.
@@ -236,9 +236,9 @@ def models_current(pipeline: dlt.Pipeline) -> bool:
         return False
     with pipeline.sql_client() as client:
 
-        def newest(table: str) -> float:
-            row = client.execute_sql(f"SELECT max(_dlt_load_id) FROM {client.make_qualified_table_name(table)}")[0]
-            return float(row[0] or 0)
+        def newest(table: str) -> float:  # load ids are dlt's timestamps; a hand-written row's may be anything
+            sql = f"SELECT max(TRY_CAST(_dlt_load_id AS DOUBLE)) FROM {client.make_qualified_table_name(table)}"
+            return float(client.execute_sql(sql)[0][0] or 0)
 
         inputs = [newest(t) for t in (RESOURCE_NAME, *INPUTS) if t in loaded and t != "rate_card"]
         return min(newest(m) for m in MODELS) >= max(inputs, default=0)

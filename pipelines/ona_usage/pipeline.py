@@ -12,6 +12,7 @@ import copy
 import fcntl
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -126,7 +127,8 @@ def _run(
                 fingerprint = None  # a refresh failed, or never ran: this command refreshes them whatever it loads
             traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result, organization_id)
             if result.chunks:
-                models = refresh_models(pipeline, unchanged_since=fingerprint, touched_from=touched_from)
+                with _room_for_models(config, pipeline):
+                    models = refresh_models(pipeline, unchanged_since=fingerprint, touched_from=touched_from)
                 traces += models
                 result.load_infos += [t.last_load_info for t in models if t and t.last_load_info]
             _save_trace(pipeline, traces)
@@ -194,6 +196,31 @@ def _load_chunks(
             if not feed.last:
                 logger.info("committed chunk %d (%d of %d windows)", result.chunks, stats.windows_done, stats.windows_total)
     return traces
+
+
+@contextmanager
+def _room_for_models(config: Settings, pipeline: dlt.Pipeline) -> Iterator[None]:
+    """Twice the loads' DuckDB memory for the models' queries, which group the whole table.
+
+    They run after the loads, when the fetched windows are gone, so the process's peak stays
+    where the loads put it; at the loads' own limit a year of a million records ran out.
+    """
+    doubled = _doubled(config.duckdb_memory_limit)
+    if config.destination != "duckdb" or doubled is None:
+        yield
+        return
+    with pipeline.sql_client() as client:
+        client.execute_sql("SET memory_limit = ?", doubled)
+        try:
+            yield
+        finally:
+            client.execute_sql("SET memory_limit = ?", config.duckdb_memory_limit)
+
+
+def _doubled(limit: str) -> str | None:
+    """`64MB` as `128MB`; None for what is not a size (DuckDB's own default, say)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", limit, flags=re.IGNORECASE)
+    return f"{float(match.group(1)) * 2:g}{match.group(2)}" if match else None
 
 
 def _extras(config: Settings, client: UsageClient) -> list:
