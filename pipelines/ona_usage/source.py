@@ -412,7 +412,7 @@ class WindowFetcher:
                 if len(pages) == self.DECODE_PAGES:
                     tables.append(self._decode(pages, window))
                     pages = []
-            tables.append(self._decode(pages, window))
+            tables.append(self._decode(pages, window, last=True))
             return window, count, pa.concat_tables(tables)
         except BaseException:
             with self._room:
@@ -425,12 +425,13 @@ class WindowFetcher:
                 self._running -= 1
             self._fill()
 
-    def _decode(self, pages: list[bytes], window: Window) -> pa.Table:
-        """Pages as a table, counted against `max_rows`; waits for room before reading on."""
+    def _decode(self, pages: list[bytes], window: Window, last: bool = False) -> pa.Table:
+        """Pages as a table, counted against `max_rows`; unless they were the window's `last`,
+        waits for room before the window reads on."""
         table = from_pages(pages, window)
         with self._room:
             self._held_rows += table.num_rows
-            while self._full() and not self._closed and window != self._wanted:
+            while not last and self._full() and not self._closed and window != self._wanted:
                 self._room.wait()
             if self._closed:
                 raise CancelledFetch(window)
