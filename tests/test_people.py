@@ -306,3 +306,19 @@ def test_models_a_failed_refresh_left_behind_are_rebuilt_by_the_next_run(workdir
     with duckdb.connect(str(workdir / DB), read_only=True) as conn:
         rows = conn.execute(SELECT.format(dataset="ona")).fetchall()
     assert_daily(rows, expected_daily(store, store.organization_id), store.names)
+
+
+def test_the_identity_and_the_lists_are_asked_at_once_not_one_round_trip_each(workdir):
+    """With 0.3 s a request, a run waits one round trip for the access and identity checks and
+    one for the four lists (beside the usage), not six."""
+    store = organisation()
+    latency = 0.3
+    with EmulatorServer(store, api_key=API_KEY, latency=latency) as emulator:
+        sync(emulator)
+        arrivals: dict[str, list[float]] = defaultdict(list)
+        for request in emulator.requests:
+            arrivals[request["path"].rsplit("/", 1)[-1]].append(request["at"])
+    lists = [arrivals[name][0] for name in ("ListProjects", "ListEnvironmentClasses", "ListRunners", "ListMembers")]
+    checks = [arrivals["GetAuthenticatedIdentity"][0], arrivals["ListEnvironmentUsageRecords"][0]]
+    assert max(lists) - min(lists) < latency  # all four were asked before the first answer came
+    assert max(checks) - min(checks) < latency

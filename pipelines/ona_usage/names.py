@@ -7,11 +7,11 @@ an API that does not offer it) costs that table, with one warning, and never the
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import dlt
@@ -118,19 +118,36 @@ ORGANIZATION: TTableSchemaColumns = {ORGANIZATION_COLUMN: {"name": ORGANIZATION_
 def name_resources(config: Settings, client: UsageClient | None = None, *, every_run: bool = False) -> list[DltResource]:
     """A resource per list; each uses `client`, or a client of its own that it closes.
 
-    A list is written only when it changed (see `changed`), or on every run with `every_run`:
-    loaded with `replace` (the filesystem destination), a table the run includes without rows
-    would be emptied.
+    With a `client`, the lists are requested at once, each on a thread of its own, while the
+    caller goes on: a scheduled run that finds nothing new waits one round trip for them, not
+    one per list. A list is written only when it changed (see `changed`), or on every run with
+    `every_run`: loaded with `replace` (the filesystem destination), a table the run includes
+    without rows would be emptied.
 
     Several organizations may share a dataset, so each list is replaced per organization: its
     rows carry `organization_id`, and a load deletes that organization's rows before it inserts
     (dlt's delete-insert merge on that key). A list the key may not read keeps what it had.
     """
-    return [_name_resource(table, config, client, every_run) for table in CATALOG]
+    listings: dict[str, Future[tuple[str, list[dict[str, Any]]]]] = {}
+    if client is not None:
+        pool = ThreadPoolExecutor(len(CATALOG), thread_name_prefix="ona-list")
+        listings = {table: pool.submit(_listing, table, client) for table in CATALOG}
+        pool.shutdown(wait=False)  # its threads end with their one request each
+    return [_name_resource(table, config, listings.get(table), every_run) for table in CATALOG]
 
 
-def _name_resource(table: str, config: Settings, client: UsageClient | None, every_run: bool) -> DltResource:
-    path, key, to_row, columns = CATALOG[table]
+def _listing(table: str, api: UsageClient) -> tuple[str, list[dict[str, Any]]]:
+    """The organization, and every item of the list `table` holds."""
+    path, key, _, _ = CATALOG[table]
+    organization_id = api.organization_id()
+    scope = {"organizationId": organization_id} if table == "members" else {}
+    return organization_id, api.list_all(path, key, **scope)
+
+
+def _name_resource(
+    table: str, config: Settings, listing: Future[tuple[str, list[dict[str, Any]]]] | None, every_run: bool
+) -> DltResource:
+    _, _, to_row, columns = CATALOG[table]
     id_column = next(iter(columns))  # a list's rows are keyed by their first column
 
     @dlt.resource(
@@ -141,15 +158,15 @@ def _name_resource(table: str, config: Settings, client: UsageClient | None, eve
         columns={**columns, **ORGANIZATION},
     )
     def names() -> Iterator[list[dict[str, Any]]]:
-        with contextlib.ExitStack() as stack:
-            api = client or stack.enter_context(make_client(config))
-            try:
-                organization_id = api.organization_id()
-                scope = {"organizationId": organization_id} if table == "members" else {}
-                items = api.list_all(path, key, **scope)
-            except OnaApiError as exc:
-                logger.warning("%s are left out (their names stay unknown): %s", table.replace("_", " "), exc)
-                return
+        try:
+            if listing is not None:
+                organization_id, items = listing.result()
+            else:
+                with make_client(config) as api:
+                    organization_id, items = _listing(table, api)
+        except OnaApiError as exc:
+            logger.warning("%s are left out (their names stay unknown): %s", table.replace("_", " "), exc)
+            return
         rows = [{**row, ORGANIZATION_COLUMN: organization_id} for row in map(to_row, items) if row[id_column]]
         if every_run or changed(table, rows):
             yield rows

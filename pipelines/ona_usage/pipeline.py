@@ -16,6 +16,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -109,9 +110,9 @@ def _run(
     started = time.monotonic()
     with make_client(config) as client:
         stats.retries = lambda: client.retries
-        # A bad key or URL fails here, before anything touches the destination or the state.
-        client.check_access()
-        organization_id = client.organization_id()  # whose key: it is written with every row
+        # A bad key or URL fails here, before anything touches the destination or the state;
+        # whose key it is (written with every row) is asked at the same time.
+        organization_id = _checked_identity(client)
         with pipeline_lock(config), open_destination(config, destination) as opened:
             pipeline = make_pipeline(config, opened)
             follow_destination(pipeline, config)
@@ -139,6 +140,14 @@ def _run(
     result.requests, result.retries, result.hedged = client.requests, client.retries, client.hedged
     result.seconds = time.monotonic() - started
     return result
+
+
+def _checked_identity(client: UsageClient) -> str:
+    """The key's organization, once the key has been seen to read usage: two requests at once."""
+    with ThreadPoolExecutor(1, thread_name_prefix="ona-identity") as pool:
+        identity = pool.submit(client.organization_id)
+        client.check_access()  # its error, if any, is the one to report
+        return identity.result()
 
 
 def _plan(
