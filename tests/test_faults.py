@@ -337,7 +337,7 @@ def test_each_transient_fault_alone_is_retried_and_the_table_is_exact(faults, wo
 
 def test_retry_after_is_honoured(workdir, store, emulator):
     store.add(recent_records(30, days=1))
-    # the first two page requests (after the access check) are rate limited
+    # the first two requests after the access and identity checks are rate limited
     emulator.set_faults(start_after=2, fail_first=2, fail_first_with=429, retry_after=1.0)
 
     sync(emulator, max_attempts=4)
@@ -347,7 +347,7 @@ def test_retry_after_is_honoured(workdir, store, emulator):
     limited = [i for i, r in enumerate(log) if r["status"] == 429]
     assert len(limited) == 2
     for i in limited:
-        retry = next(r for r in log[i + 1 :] if r["body"] == log[i]["body"] and r["query"] == log[i]["query"])
+        retry = next(r for r in log[i + 1 :] if (r["path"], r["body"], r["query"]) == (log[i]["path"], log[i]["body"], log[i]["query"]))
         # the client's own first backoff is at most 1.5 x FAST_BACKOFF: a 1 s gap is the server's Retry-After
         assert retry["at"] - log[i]["at"] >= 1.0
 
