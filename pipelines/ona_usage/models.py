@@ -180,7 +180,7 @@ def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None, t
     if not has_sql(pipeline):
         logger.info("no models on the %s destination", pipeline.destination.destination_name)
         return []
-    loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
+    loaded = loaded_tables(pipeline)
     if RESOURCE_NAME not in loaded:
         return []  # no usage loaded yet
     if unchanged_since is not None and set(MODELS) <= loaded and inputs_fingerprint(pipeline, touched_from) == unchanged_since:
@@ -204,14 +204,15 @@ def inputs_fingerprint(pipeline: dlt.Pipeline, touched_from: datetime | None = N
     """
     if pipeline.destination.destination_name != "duckdb" or not pipeline.default_schema_name:
         return None
-    loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
+    schema = pipeline.default_schema  # dlt reads the schema again on every access
+    loaded = set(schema.data_table_names(seen_data_only=True))
     tables = [t for t in (RESOURCE_NAME, *INPUTS) if t in loaded]
     if RESOURCE_NAME not in tables:
         return None
     with pipeline.sql_client() as client:
         parts = []
         for table in tables:
-            columns = [c for c in pipeline.default_schema.get_table_columns(table) if not c.startswith("_dlt_")]
+            columns = [c for c in schema.get_table_columns(table) if not c.startswith("_dlt_")]
             touched = f"WHERE {CURSOR_COLUMN} >= ?" if table == RESOURCE_NAME and touched_from else ""
             row = client.execute_sql(
                 f"SELECT (SELECT count(*) FROM {client.make_qualified_table_name(table)}), "
@@ -231,7 +232,7 @@ def models_current(pipeline: dlt.Pipeline) -> bool:
     (The rate card is written on every run, so its loads do not count; its rows do, in the
     fingerprint.)
     """
-    loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True)) if pipeline.default_schema_name else set()
+    loaded = loaded_tables(pipeline)
     if not set(MODELS) <= loaded:
         return False
     with pipeline.sql_client() as client:
@@ -247,6 +248,13 @@ def models_current(pipeline: dlt.Pipeline) -> bool:
 
         inputs = [newest(t) for t in (RESOURCE_NAME, *INPUTS) if t in loaded and t != "rate_card"]
         return min(newest(m) for m in MODELS) >= max(inputs, default=0)
+
+
+def loaded_tables(pipeline: dlt.Pipeline) -> set[str]:
+    """The tables this pipeline has loaded data into; none before its first load."""
+    if not pipeline.default_schema_name:
+        return set()
+    return set(pipeline.default_schema.data_table_names(seen_data_only=True))
 
 
 def has_sql(pipeline: dlt.Pipeline) -> bool:
@@ -270,8 +278,9 @@ def _model(pipeline: dlt.Pipeline, name: str) -> DltResource:
 
 def daily_sql(pipeline: dlt.Pipeline, client: Any) -> str:
     """The daily model's query (PostgreSQL dialect) over the tables this pipeline has loaded."""
-    loaded = set(pipeline.default_schema.data_table_names(seen_data_only=True))
-    columns = pipeline.default_schema.get_table_columns(RESOURCE_NAME)
+    schema = pipeline.default_schema
+    loaded = set(schema.data_table_names(seen_data_only=True))
+    columns = schema.get_table_columns(RESOURCE_NAME)
     table = {t: client.make_qualified_table_name(t) for t in (RESOURCE_NAME, *INPUTS) if t in loaded}
     usage = DAILY_SQL.format(
         records=table[RESOURCE_NAME],

@@ -32,7 +32,7 @@ from dlt.destinations.exceptions import DatabaseTerminalException, DatabaseUndef
 from dlt.pipeline.trace import PipelineTrace, save_trace
 
 from ona_usage.client import UsageClient, make_client
-from ona_usage.models import MODELS, has_sql, inputs_fingerprint, models_current, refresh_models
+from ona_usage.models import MODELS, has_sql, inputs_fingerprint, loaded_tables, models_current, refresh_models
 from ona_usage.names import name_resources, rate_card_resource
 from ona_usage.settings import ConfigError, Settings
 from ona_usage.source import (
@@ -266,7 +266,7 @@ def _table_rows(pipeline: dlt.Pipeline) -> int | None:
     """Rows in the usage table now; None where that is not known (no table yet is 0)."""
     if not has_sql(pipeline):
         return None
-    if not pipeline.default_schema_name or RESOURCE_NAME not in pipeline.default_schema.data_table_names(seen_data_only=True):
+    if RESOURCE_NAME not in loaded_tables(pipeline):
         return 0
     with pipeline.sql_client() as client:
         return int(client.execute_sql(f"SELECT count(*) FROM {client.make_qualified_table_name(RESOURCE_NAME)}")[0][0])
