@@ -292,6 +292,55 @@ def test_raising_the_limit_lets_more_run_and_lowering_it_starts_none_beyond_the_
     assert max(client.running_at_start[k] for k in range(5, count)) <= 2
 
 
+def wait_until(predicate: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_a_limit_raised_while_a_window_pages_starts_more_windows_before_it_ends() -> None:
+    """The client raises its limit as soon as it has timed a few requests, which happens inside
+    the first windows: waiting for one of them to end would run a long first round at the
+    starting limit (about 2 s of a year's sync at 100 ms a request)."""
+    windows = hours(6)
+    limit = SimpleNamespace(limit=1)
+    timed, first_page_read, second_page = threading.Event(), threading.Event(), threading.Event()
+    started: list[int] = []
+
+    class PagingClient:
+        def __init__(self) -> None:
+            self.limit = limit
+
+        def raw_pages(self, window: Window, project_id: str | None = None) -> Iterator[bytes]:
+            k = windows.index(window)
+            started.append(k)
+            if k:
+                yield page_body(window, k, 0, True)
+                return
+            assert timed.wait(WAIT)
+            limit.limit = 4  # what the client does after timing this window's first request
+            yield page_body(window, k, 0, False)
+            first_page_read.set()
+            assert second_page.wait(WAIT), "window 0's second page was never let through"
+            yield page_body(window, k, 1, True)
+
+    with WindowFetcher(PagingClient(), windows, None, workers=8) as fetcher:  # type: ignore[arg-type]
+        try:
+            wait_until(lambda: started == [0])
+            time.sleep(QUIET)
+            assert started == [0]  # the limit is 1
+            timed.set()
+            assert first_page_read.wait(WAIT)
+            # Windows 1-5 start (and end: one page each), 4 at most at once, while window 0 pages on.
+            wait_until(lambda: len(started) == len(windows))
+            assert sorted(started) == list(range(len(windows)))
+        finally:
+            second_page.set()
+        results = [call(fetcher.next) for _ in windows]
+    assert [(window, pages) for window, pages, _ in results] == [(w, 2 if k == 0 else 1) for k, w in enumerate(windows)]
+
+
 # -- lookahead ---------------------------------------------------------------------------------
 
 

@@ -409,6 +409,7 @@ class WindowFetcher:
             for page in self._client.raw_pages(window, self._project_id):
                 pages.append(page)
                 count += 1
+                self._fill()  # the client's limit may have grown with this page's timing
                 if len(pages) == self.DECODE_PAGES:
                     tables.append(self._decode(pages, window))
                     pages = []
