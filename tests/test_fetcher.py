@@ -595,3 +595,41 @@ def test_next_right_after_the_only_window_was_taken_gets_the_next_window(monkeyp
         finally:
             tried.set()
         assert second[0] == windows[1]
+
+
+# -- loads that end early ------------------------------------------------------------------------
+
+
+def test_a_load_ends_early_once_every_window_left_is_in_flight_and_the_next_is_not_there() -> None:
+    """With `early_rows`, a load that holds that many commits while the last windows arrive,
+    instead of after them; with fewer, or with the next window there, it takes on."""
+    windows = hours(6)  # 2 rows each (one page)
+    with Gates(len(windows)) as gates:
+        client = FakeClient(windows, SimpleNamespace(limit=8), work=gates.wait)
+        with WindowFetcher(client, windows, None, workers=8) as fetcher:  # type: ignore[arg-type]
+            feed = source.Feed(windows, fetcher, fetched_at=START, organization_id="org", early_rows=4)
+            client.wait_for(lambda: len(client.started) == 6, "every window to start")
+            gates.open(0, 1)
+            # Window 0 alone (2 rows) is below early_rows, so the load waits for window 1; with it,
+            # it holds 4, and every window left is in flight: it ends.
+            first = call(lambda: [window for window, _, _ in feed.next_load()])
+            assert first == windows[:2]
+            assert not feed.last
+            gates.open(2, 3, 4, 5)
+            rest = []
+            while not feed.last:
+                rest += call(lambda: [window for window, _, _ in feed.next_load()])
+            assert rest == windows[2:]
+
+
+def test_without_early_rows_a_load_waits_for_the_windows_in_flight() -> None:
+    windows = hours(4)
+    with Gates(len(windows)) as gates:
+        client = FakeClient(windows, SimpleNamespace(limit=8), work=gates.wait)
+        with WindowFetcher(client, windows, None, workers=8) as fetcher:  # type: ignore[arg-type]
+            feed = source.Feed(windows, fetcher, fetched_at=START, organization_id="org")
+            client.wait_for(lambda: len(client.started) == 4, "every window to start")
+            gates.open(0, 1)
+            threading.Timer(QUIET, gates.open, (2, 3)).start()
+            assert call(lambda: [window for window, _, _ in feed.next_load()]) == windows
+            assert feed.last

@@ -36,6 +36,7 @@ from ona_usage.models import MODELS, has_sql, inputs_fingerprint, loaded_tables,
 from ona_usage.names import name_resources, rate_card_resource
 from ona_usage.settings import ConfigError, Settings
 from ona_usage.source import (
+    BATCH_ROWS,
     ExtractStats,
     Feed,
     OrganizationMismatch,
@@ -186,6 +187,7 @@ def _load_chunks(
         feed = Feed(
             windows, fetcher, fetched_at=now, organization_id=organization_id, stats=stats,
             max_windows=size, max_seconds=config.chunk_seconds, max_rows=config.chunk_rows,
+            early_rows=min(BATCH_ROWS, config.chunk_rows),
         )
         while not feed.last:
             usage = usage_records(config, backfill, feed)
