@@ -183,7 +183,10 @@ def _load_chunks(
     stats.windows_total = len(windows)
     size = config.windows_per_chunk
     traces = []
-    with WindowFetcher(client, windows, config.project_id, config.workers, lookahead=size, max_rows=config.chunk_rows) as fetcher:
+    # While a load is committed, half a load's rows wait fetched ahead: the API stays busy for
+    # the second or so a commit takes, and the peak is a load and a half, not two (30 MB less at 3M).
+    ahead = max(config.chunk_rows // 2, 1)
+    with WindowFetcher(client, windows, config.project_id, config.workers, lookahead=size, max_rows=ahead) as fetcher:
         feed = Feed(
             windows, fetcher, fetched_at=now, organization_id=organization_id, stats=stats,
             max_windows=size, max_seconds=config.chunk_seconds, max_rows=config.chunk_rows,
