@@ -293,11 +293,11 @@ def test_models_a_failed_refresh_left_behind_are_rebuilt_by_the_next_run(workdir
         store.add(make_records(pendulum.now("UTC").subtract(minutes=30), 3, "late"))
         import ona_usage.models as models
 
-        def broken(pipeline: Any) -> Any:
+        def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("the warehouse ran out of memory")
 
         with monkeypatch.context() as patch:
-            patch.setattr(models, "ona_usage_models", broken)
+            patch.setattr(models, "_model", broken)
             with pytest.raises(RuntimeError):
                 sync(emulator)  # the new rows are committed; the models are not rebuilt
         assert load_ids(str(workdir / DB))["environment_usage_daily"] == built
