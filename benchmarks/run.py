@@ -75,6 +75,7 @@ TABLE = "ona.environment_usage_records"
 DEFAULT_END = "2026-11-01T00:00:00Z"  # fixed, so every run serves the same records
 DEFAULT_SEED = 42
 WORKERS = 16  # ona-usage's default --workers: windows in flight at most
+KINDS = ("full", "no-op", "no-op again", "hourly")  # the runs of one ona-usage round, in order
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,36 @@ def build_truth(store: UsageStore, start: datetime, end: datetime) -> pa.Table:
             stopped.append(record["stoppedAt"])
             created.append(record.get("createdAt"))
         chunk_start = chunk_end
+    return _truth_table(ids, stopped, created)
+
+
+def with_records(truth: pa.Table, records: list[dict[str, Any]]) -> pa.Table:
+    """The truth and these records (added to the emulator after it was built)."""
+    if not records:
+        return truth
+    added = _truth_table([r["id"] for r in records], [r["stoppedAt"] for r in records], [r.get("createdAt") for r in records])
+    return pa.concat_tables([truth, added])
+
+
+def hourly_records(store: UsageStore, end: datetime, tag: str, count: int = 100) -> list[dict[str, Any]]:
+    """What an hourly run finds: runs that stopped in the last hour, one of them started three
+    days ago. Shaped like the organisation's own records (ids, classes, runners, users)."""
+    template = next(iter(store.records(end - timedelta(days=1), end)))
+    now = datetime.now(timezone.utc)
+    records = []
+    for i in range(count):
+        stopped = now - timedelta(minutes=55) + timedelta(seconds=30 * i)
+        started = now - timedelta(days=3) if i == 0 else stopped - timedelta(minutes=20)
+        records.append(template | {
+            "id": f"hourly-{tag}-{i:04d}",
+            "environmentId": f"env-hourly-{tag}-{i:04d}",
+            "createdAt": started.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "stoppedAt": stopped.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        })
+    return records
+
+
+def _truth_table(ids: list[str], stopped: list[str], created: list[str | None]) -> pa.Table:
     ns = pa.timestamp("ns", tz="UTC")
     return pa.table(
         {
@@ -304,6 +335,7 @@ def run_case(case: Case, args: argparse.Namespace, scratch: Path) -> dict[str, A
         raise SystemExit("bench: the emulator's truth has duplicate ids")
 
     server = EmulatorServer(store, api_key=API_KEY, latency=case.latency_ms / 1000).start()
+    added: list[dict[str, Any]] = []  # the hourly runs' records, after --end: ona-usage's truth only
     runs: list[dict[str, Any]] = []
     ona = ona_usage_executable()
     ona_rounds = case.rounds if case.rounds is not None and not args.quick else args.rounds
@@ -311,7 +343,7 @@ def run_case(case: Case, args: argparse.Namespace, scratch: Path) -> dict[str, A
     try:
         for round_no in range(max(ona_rounds, baseline_rounds)):
             if round_no < ona_rounds:
-                runs += run_ona_usage(case, args, scratch, server, ona, start_date, truth, round_no)
+                runs += run_ona_usage(case, args, scratch, server, ona, start_date, truth, round_no, store, end, added)
             if round_no < baseline_rounds:
                 runs += run_baseline(case, args, scratch, server, start_date, end, truth, round_no)
     finally:
@@ -374,6 +406,9 @@ def run_ona_usage(
     start_date: str,
     truth: pa.Table,
     round_no: int,
+    store: UsageStore,
+    end: datetime,
+    added: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     run_dir, db_path, data_dir = fresh_dirs(scratch, f"{case.key}-ona-usage-{round_no}")
     argv = [ona, "sync", "--base-url", server.url, "--start-date", start_date, *shlex.split(args.ona_usage_args)]
@@ -381,10 +416,14 @@ def run_ona_usage(
     out = []
     # The first no-op after a large first sync pays DuckDB's first checkpoint of the file in a
     # new process (about 0.35 s at a million rows, whatever it writes); the second is the
-    # hourly schedule's steady state.
-    for kind in ("full", "no-op", "no-op again"):
+    # hourly schedule's steady state when nothing happened; "hourly" finds 100 new runs.
+    for kind in KINDS:
+        if kind == "hourly":
+            new = hourly_records(store, end, f"{case.key}-{round_no}")
+            store.add(new)
+            added += new
         run = run_child(argv, env, run_dir, run_dir / f"{kind}.log", server, args.timeout)
-        out.append(finish_run(run, "ona-usage", kind, case, round_no, db_path, truth))
+        out.append(finish_run(run, "ona-usage", kind, case, round_no, db_path, with_records(truth, added)))
         if run["exit_code"]:
             break
     if not args.keep:
@@ -432,7 +471,7 @@ def run_baseline(
 def summarise(runs: list[dict[str, Any]], rows: int, latency_ms: float = 0.0) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for tool in ("ona-usage", "baseline"):
-        for kind in ("full", "no-op", "no-op again"):
+        for kind in KINDS:
             chosen = [r for r in runs if r["tool"] == tool and r["kind"] == kind and r["exit_code"] == 0]
             if not chosen:
                 continue

@@ -78,6 +78,13 @@ def test_views_on_duckdb_match_python(workdir, store, emulator):
         assert_view_equals(conn.execute(SELECT_DAILY).fetchall(), daily)
         assert_view_equals(conn.execute(SELECT_MONTHLY).fetchall(), expected_monthly(daily))
     assert_models_through_the_dataset(make_pipeline(settings.resolve({})), daily)
+    store.add(later_runs())
+    run_sync(config(emulator))
+    daily = expected_daily(store.records())
+    with duckdb.connect(str(workdir / "ona_usage.duckdb"), read_only=True) as conn:
+        assert_view_equals(conn.execute(SELECT_DAILY).fetchall(), daily)
+        assert_view_equals(conn.execute(SELECT_MONTHLY).fetchall(), expected_monthly(daily))
+        assert conn.execute("SELECT count(DISTINCT _dlt_load_id) FROM ona.environment_usage_daily").fetchone()[0] == 2
     # the multi-day run is spread over four days; the run without createdAt has no runtime
     long_days = [k for k in daily if any(r["id"] == "long-0" for r in store.records())]
     assert len(long_days) > 4
@@ -103,6 +110,29 @@ def test_views_on_postgres_match_python(postgres, workdir, store, emulator, monk
     finally:
         conn.close()
     assert_models_through_the_dataset(make_pipeline(settings.resolve({"destination": "postgres"})), daily)
+
+    # A later run computes again only the days its new runs ran on, merged over the others.
+    store.add(later_runs())
+    run_sync(config(emulator, destination="postgres"))
+    daily = expected_daily(store.records())
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(SELECT_DAILY)
+            assert_view_equals(cur.fetchall(), daily)
+            cur.execute(SELECT_MONTHLY)
+            assert_view_equals(cur.fetchall(), expected_monthly(daily))
+            cur.execute("SELECT count(DISTINCT _dlt_load_id) FROM ona.environment_usage_daily")
+            assert cur.fetchone()[0] == 2  # the days before the new runs kept their rows
+    finally:
+        conn.close()
+
+
+def later_runs() -> list[dict[str, Any]]:
+    """A run that started four days ago and just stopped, and a short one: what an hourly run finds."""
+    now = pendulum.now("UTC")
+    long_run = make_records(now.subtract(minutes=20), 1, "later-long")[0] | {"createdAt": now.subtract(days=4).to_iso8601_string()}
+    return [long_run, *make_records(now.subtract(minutes=10), 1, "later-short")]
 
 
 def assert_models_through_the_dataset(pipeline: Any, daily: dict[Key, tuple[int, float]]) -> None:

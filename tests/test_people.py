@@ -148,30 +148,72 @@ def load_ids(db: str) -> dict[str, set[str]]:
         }
 
 
+def daily_load_ids(db: str) -> dict[date, set[str]]:
+    with duckdb.connect(db, read_only=True) as conn:
+        rows = conn.execute("SELECT usage_date, _dlt_load_id FROM ona.environment_usage_daily").fetchall()
+    days: dict[date, set[str]] = defaultdict(set)
+    for day, load_id in rows:
+        days[day].add(load_id)
+    return days
+
+
 def test_a_run_rewrites_the_lists_and_the_models_only_when_they_changed(workdir, monkeypatch):
     configure(monkeypatch)
     store = organisation()
+    db = str(workdir / DB)
     with EmulatorServer(store, api_key=API_KEY) as emulator:
         sync(emulator)
-        first = load_ids(str(workdir / DB))
-        sync(emulator)  # nothing changed: no list and no model is written again
-        again = load_ids(str(workdir / DB))
-        assert again.pop("rate_card") != first["rate_card"]  # the rate card is: it comes from config, not the API
-        assert again == {t: ids for t, ids in first.items() if t != "rate_card"}
+        first = load_ids(db)
+        for _ in range(2):  # nothing changed: no list, no rate card and no model is written again ...
+            sync(emulator)
+            assert load_ids(db) == first
+        with duckdb.connect(db, read_only=True) as conn:  # ... though each run read rows of its lookback again
+            usage, = conn.execute("SELECT max(_dlt_load_id) FROM ona.environment_usage_records").fetchone()
+        assert usage > max(first["environment_usage_daily"])
 
-        # a class renamed, and a run inside the lookback that the API now reports longer
-        store.names[CLASS_LARGE] = "Large (16 vCPU)"
-        latest = store.records()[-1]
-        store.upsert([latest | {"createdAt": to_datetime(latest["stoppedAt"]).replace(minute=0, second=0).isoformat()}])
+        # New usage, no new names: only the days its runs ran on are computed again. One run started
+        # three days ago; another, inside the lookback, the API now reports as started an hour earlier.
+        before = daily_load_ids(db)
+        now = pendulum.now("UTC")
+        long_run = make_records(now.subtract(minutes=30), 1, "long")[0] | {
+            "createdAt": now.subtract(days=3).to_iso8601_string(), "environmentClassId": CLASS_LARGE, "userId": "user-3"}
+        latest = max(store.records(), key=lambda r: r["stoppedAt"])
+        store.add([long_run])
+        store.upsert([latest | {"createdAt": (to_datetime(latest["stoppedAt"]) - timedelta(hours=1)).isoformat()}])
         sync(emulator)
-        after = load_ids(str(workdir / DB))
-    assert after["environment_classes"] != first["environment_classes"] and after["environment_usage_daily"] != first["environment_usage_daily"]
-    assert {t: after[t] for t in ("projects", "runners", "members")} == {t: first[t] for t in ("projects", "runners", "members")}
-    with duckdb.connect(str(workdir / DB), read_only=True) as conn:
+        after = daily_load_ids(db)
+        first_day = now.subtract(days=3).date()
+        assert {day: ids for day, ids in after.items() if day < first_day} == {day: ids for day, ids in before.items() if day < first_day}
+        new_load = after[now.date()]
+        assert len(new_load) == 1 and new_load != before.get(now.date())
+        assert all(after[day] == new_load for day in after if day >= first_day)
+        assert_daily(duckdb_rows(db), expected_daily(store, store.organization_id), store.names)
+        assert load_ids(db)["rate_card"] == first["rate_card"]
+
+        # A new rate: the rate card is written again, and every day priced again.
+        monkeypatch.setattr(__import__(__name__), "RATE_CARD", [*RATE_CARD, {"environment_class": CLASS_GPU, "credits_per_hour": 5.0}])
+        configure(monkeypatch)
+        sync(emulator)
+        priced = load_ids(db)
+        assert priced["rate_card"] != first["rate_card"] and len(priced["environment_usage_daily"]) == 1
+        assert_daily(duckdb_rows(db), expected_daily(store, store.organization_id), store.names)
+
+        # a class renamed: its list is written again, and every day named again
+        store.names[CLASS_LARGE] = "Large (16 vCPU)"
+        sync(emulator)
+        renamed = load_ids(db)
+    assert renamed["environment_classes"] != first["environment_classes"]
+    assert len(renamed["environment_usage_daily"]) == 1 and renamed["environment_usage_daily"] != priced["environment_usage_daily"]
+    assert {t: renamed[t] for t in ("projects", "runners", "members", "rate_card")} == {t: priced[t] for t in ("projects", "runners", "members", "rate_card")}
+    with duckdb.connect(db, read_only=True) as conn:
         assert conn.execute("SELECT name FROM ona.environment_classes WHERE id = ?", [CLASS_LARGE]).fetchall() == [("Large (16 vCPU)",)]
         assert {r[0] for r in conn.execute("SELECT environment_class_name FROM ona.environment_usage_daily WHERE environment_class_id = ?", [CLASS_LARGE]).fetchall()} == {"Large (16 vCPU)"}
-        rows = conn.execute(SELECT.format(dataset="ona")).fetchall()
-    assert_daily(rows, expected_daily(store, store.organization_id), store.names)
+    assert_daily(duckdb_rows(db), expected_daily(store, store.organization_id), store.names)
+
+
+def duckdb_rows(db: str) -> list[tuple]:
+    with duckdb.connect(db, read_only=True) as conn:
+        return conn.execute(SELECT.format(dataset="ona")).fetchall()
 
 
 def test_two_organizations_share_a_dataset_on_purpose_and_models_keep_them_apart(postgres, workdir, monkeypatch):  # noqa: F811

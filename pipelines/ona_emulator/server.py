@@ -79,7 +79,7 @@ class EmulatorServer:
         self.redirect_status = 308
         self.fault: Fault | None = None
         self.denied: set[str] = set()  # catalog kinds ("projects", ...) answered with permission_denied
-        self._catalog_cache: tuple[tuple[int, int, int], dict[str, list[dict[str, Any]]]] | None = None
+        self._catalog_cache: tuple[tuple[int, int], dict[str, list[dict[str, Any]]]] | None = None
         self._members_cache: tuple[tuple[int, int, int], list[dict[str, Any]]] | None = None
         self._injector: FaultInjector | None = None
         self._fault_config = FaultConfig()
@@ -311,7 +311,7 @@ class EmulatorServer:
             raise ConnectError("permission_denied", "the API key may not list members of that organization")
         if self.store.members is not None:
             return [m for user, m in sorted(self.store.members.items()) if user not in self.store.left]
-        stamp = (self.store.version, len(self.store.names), len(self.store.left))
+        stamp = (self.store.version, hash(frozenset(self.store.names.items())), len(self.store.left))
         if self._members_cache is None or self._members_cache[0] != stamp:
             self._members_cache = (stamp, catalog.members(self.store.referenced_users(), self.store.names, self.store.left))
         return self._members_cache[1]
@@ -359,7 +359,7 @@ class EmulatorServer:
             raise ConnectError("permission_denied", f"the API key may not list {name.replace('_', ' ')}")
         if name == "members":
             return 200, catalog.page(self._members(body), key, query, body), _JSON
-        stamp = (self.store.version, id(self.store.names), len(self.store.names))
+        stamp = (self.store.version, hash(frozenset(self.store.names.items())))  # a rename changes it too
         if self._catalog_cache is None or self._catalog_cache[0] != stamp:
             referenced = self.store.referenced_ids()  # one pass for all three lists
             lists = {kind: catalog.items(referenced, self.store.names, kind) for kind, _ in catalog.ENDPOINTS.values() if kind != "members"}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import date, datetime, timezone
 from typing import Any
 
 import dlt
@@ -30,7 +30,7 @@ from dlt.extract.resource import DltResource
 from dlt.extract.source import DltSource
 from dlt.pipeline.trace import PipelineTrace
 
-from ona_usage.state import CURSOR_COLUMN, RESOURCE_NAME
+from ona_usage.state import CURSOR_COLUMN, RESOURCE_NAME, SOURCE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,17 @@ FROM (
       runner_id,
       CAST(LEAST(COALESCE(created_at, stopped_at), stopped_at) AT TIME ZONE 'UTC' AS TIMESTAMP) AS start_utc,
       CAST(stopped_at AT TIME ZONE 'UTC' AS TIMESTAMP) AS stop_utc
-    FROM {records}
+    FROM {records} {runs_from}
   ) AS t
-) AS r
+) AS r {days_from}
 GROUP BY 1, 2, 3, 4, 5, 6
+"""
+
+# The first UTC day a run among those that stopped at or after {since} was running on.
+FIRST_DAY_SQL = """
+SELECT MIN(CAST(CAST(LEAST(COALESCE(created_at, stopped_at), stopped_at) AT TIME ZONE 'UTC' AS TIMESTAMP) AS DATE))
+FROM {records}
+WHERE stopped_at >= CAST('{since}' AS TIMESTAMP WITH TIME ZONE)
 """
 
 # A month's credits and cost are known only if every day of it is priced: never a partial sum.
@@ -128,6 +135,8 @@ SELECT n.*, CAST(NULL AS DOUBLE PRECISION) AS credits, CAST(NULL AS DOUBLE PRECI
 FROM ({named}) AS n
 """
 
+PENDING_REFRESH = "models_pending_refresh"  # in the source state: see `models_current`
+
 # the tables besides the usage records the models read
 INPUTS = ("projects", "environment_classes", "runners", "members", "rate_card")
 
@@ -169,13 +178,22 @@ def ona_usage_models(pipeline: dlt.Pipeline) -> DltSource:
     return source_of([_model(pipeline, name) for name in MODELS])
 
 
-def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None, touched_from: datetime | None = None) -> list[PipelineTrace]:
+def refresh_models(
+    pipeline: dlt.Pipeline,
+    unchanged_since: str | None = None,
+    touched_from: datetime | None = None,
+    *,
+    only_touched: bool = False,
+) -> list[PipelineTrace]:
     """Load the models after the usage, and return the runs' traces: none where there is nothing
     to model, no SQL, or no change.
 
     `unchanged_since` is `inputs_fingerprint(pipeline, touched_from)` from before the command's
     loads: when the inputs still have it (a scheduled run that only read its lookback again),
-    the models stand.
+    the models stand. With `only_touched` (the models were current before the command, and it
+    wrote no list and no rate card), only the days from the first one a run that stopped at or
+    after `touched_from` was running on are computed again, and merged over the old ones: an
+    hourly run costs what it loaded, not the size of the table.
     """
     if not has_sql(pipeline):
         logger.info("no models on the %s destination", pipeline.destination.destination_name)
@@ -185,6 +203,11 @@ def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None, t
         return []  # no usage loaded yet
     if unchanged_since is not None and set(MODELS) <= loaded and inputs_fingerprint(pipeline, touched_from) == unchanged_since:
         return []
+    from_day = None
+    if only_touched and touched_from is not None:
+        from_day = first_touched_day(pipeline, touched_from)
+        if from_day is None:
+            return []  # the command's windows hold no usage: no day changed
     # One model per run: dlt extracts a source's resources round-robin, which would keep both
     # queries open at once, and DuckDB would need twice the memory (the sync caps it). Run after
     # the daily model, the monthly one sums its table instead of computing every day again.
@@ -192,9 +215,30 @@ def refresh_models(pipeline: dlt.Pipeline, unchanged_since: str | None = None, t
 
     traces = []
     for model in MODELS:
-        pipeline.run(source_of([_model(pipeline, model, from_daily_table=True)]))
+        pipeline.run(source_of([_model(pipeline, model, from_daily_table=True, from_day=from_day)]))
         traces.append(pipeline.last_trace)
     return traces
+
+
+def first_touched_day(pipeline: dlt.Pipeline, touched_from: datetime) -> date | None:
+    """The first UTC day that usage rows a command could have written ran on; None if it wrote none.
+
+    Its loads wrote only rows that stopped at or after `touched_from` (the start of its first
+    window). A run counts on every day from its start to its stop, so those days, and no
+    other, can have changed: a row stopped earlier adds nothing from that day on.
+    """
+    with pipeline.sql_client() as client:
+        sql = FIRST_DAY_SQL.format(records=client.make_qualified_table_name(RESOURCE_NAME), since=_utc_text(touched_from))
+        dialect = pipeline.destination.capabilities().sqlglot_dialect
+        value = client.execute_sql(sqlglot.transpile(sql, read="postgres", write=dialect)[0])[0][0]
+    if value is None:
+        return None
+    return value if not isinstance(value, datetime) else value.date()
+
+
+def _utc_text(moment: datetime) -> str:
+    """An aware moment as ISO text in UTC, for a literal in a query (it holds nothing but digits)."""
+    return moment.astimezone(timezone.utc).isoformat()
 
 
 def inputs_fingerprint(pipeline: dlt.Pipeline, touched_from: datetime | None = None) -> str | None:
@@ -228,29 +272,25 @@ def inputs_fingerprint(pipeline: dlt.Pipeline, touched_from: datetime | None = N
 
 
 def models_current(pipeline: dlt.Pipeline) -> bool:
-    """Whether both models were built after the last load of their inputs (DuckDB's SQL).
+    """Whether the models were refreshed after every change to their inputs.
 
-    A command compares the inputs' fingerprint before and after its loads; models a failed
-    refresh left behind would look current to the next command, whose loads change nothing.
-    (The rate card is written on every run, so its loads do not count; its rows do, in the
-    fingerprint.)
+    A command's first load commits, in the source state, where its windows start and the
+    inputs' fingerprint from before its loads (`pending_refresh`); the load of the monthly
+    model, the last, clears it. Left behind, it tells a refresh that failed or was cut short
+    (the inputs changed since: the models are stale) from one skipped because nothing changed.
+    Without a fingerprint (destinations other than DuckDB), it counts as stale.
     """
-    loaded = loaded_tables(pipeline)
-    if not set(MODELS) <= loaded:
+    if not set(MODELS) <= loaded_tables(pipeline):
         return False
-    with pipeline.sql_client() as client:
+    pending = pipeline.state.get("sources", {}).get(SOURCE_NAME, {}).get(PENDING_REFRESH)
+    if not pending:
+        return True
+    return pending["fingerprint"] is not None and inputs_fingerprint(pipeline, pending["touched_from"]) == pending["fingerprint"]
 
-        def newest(table: str) -> float:
-            # Load ids are dlt's timestamps, all as long before the dot until 2286: the newest is
-            # the greatest string, which DuckDB finds without casting every row's.
-            value = client.execute_sql(f"SELECT max(_dlt_load_id) FROM {client.make_qualified_table_name(table)}")[0][0]
-            try:
-                return float(value or 0)
-            except ValueError:  # a row written by hand
-                return 0.0
 
-        inputs = [newest(t) for t in (RESOURCE_NAME, *INPUTS) if t in loaded and t != "rate_card"]
-        return min(newest(m) for m in MODELS) >= max(inputs, default=0)
+def pending_refresh(touched_from: datetime | None, fingerprint: str | None) -> dict[str, Any]:
+    """The source-state entry a command commits with its first load (see `models_current`)."""
+    return {PENDING_REFRESH: {"touched_from": touched_from, "fingerprint": fingerprint}}
 
 
 def loaded_tables(pipeline: dlt.Pipeline) -> set[str]:
@@ -266,27 +306,41 @@ def has_sql(pipeline: dlt.Pipeline) -> bool:
     )
 
 
-def _model(pipeline: dlt.Pipeline, name: str, *, from_daily_table: bool = False) -> DltResource:
-    """A model as a resource; `from_daily_table` where the daily model was just loaded."""
+def _model(
+    pipeline: dlt.Pipeline, name: str, *, from_daily_table: bool = False, from_day: date | None = None
+) -> DltResource:
+    """A model as a resource, replaced whole; or, `from_day`, its days (months) from that one's
+    computed again and merged over the old. `from_daily_table` where the daily model was just loaded."""
+    key = next(iter(COLUMNS[name]))  # usage_date, usage_month
+    merged = from_day is not None
 
-    @dlt.resource(name=name, write_disposition="replace", columns=COLUMNS[name])
+    @dlt.resource(
+        name=name,
+        write_disposition={"disposition": "merge", "strategy": "delete-insert"} if merged else "replace",
+        merge_key=key if merged else None,
+        columns=COLUMNS[name],
+    )
     def model() -> Iterator[pa.Table]:
         with pipeline.sql_client() as client:
             if name == DAILY_MODEL:
-                sql = daily_sql(pipeline, client)
+                sql = daily_sql(pipeline, client, from_day)
             elif from_daily_table:
-                sql = MONTHLY_SQL.format(daily=f"SELECT * FROM {client.make_qualified_table_name(DAILY_MODEL)}")
+                month = f"WHERE usage_date >= CAST('{from_day.replace(day=1).isoformat()}' AS DATE)" if from_day else ""
+                sql = MONTHLY_SQL.format(daily=f"SELECT * FROM {client.make_qualified_table_name(DAILY_MODEL)} {month}")
             else:
                 sql = MONTHLY_SQL.format(daily=daily_sql(pipeline, client))
             dialect = pipeline.destination.capabilities().sqlglot_dialect
             with client.execute_query(sqlglot.transpile(sql, read="postgres", write=dialect)[0]) as cursor:
                 yield from cursor.iter_arrow(chunk_size=BATCH_ROWS)
+        if name == MONTHLY_MODEL:  # the last model: the refresh is complete, with this load
+            dlt.current.source_state().pop(PENDING_REFRESH, None)
 
     return model
 
 
-def daily_sql(pipeline: dlt.Pipeline, client: Any) -> str:
-    """The daily model's query (PostgreSQL dialect) over the tables this pipeline has loaded."""
+def daily_sql(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None) -> str:
+    """The daily model's query (PostgreSQL dialect) over the tables this pipeline has loaded;
+    `from_day`, its days from that one, which only runs that stopped on it or later add to."""
     schema = pipeline.default_schema
     loaded = set(schema.data_table_names(seen_data_only=True))
     columns = schema.get_table_columns(RESOURCE_NAME)
@@ -294,6 +348,8 @@ def daily_sql(pipeline: dlt.Pipeline, client: Any) -> str:
     usage = DAILY_SQL.format(
         records=table[RESOURCE_NAME],
         organization="organization_id" if "organization_id" in columns else "CAST(NULL AS TEXT)",
+        runs_from=f"WHERE stopped_at >= CAST('{from_day.isoformat()}T00:00:00+00:00' AS TIMESTAMP WITH TIME ZONE)" if from_day else "",
+        days_from=f"WHERE r.day >= CAST('{from_day.isoformat()}' AS TIMESTAMP)" if from_day else "",
     )
     named = _with_names(usage, table)
     if "rate_card" not in table:

@@ -21,6 +21,7 @@ from dlt.extract.resource import DltResource
 from ona_usage.client import OnaApiError, UsageClient, make_client
 from ona_usage.records import ORGANIZATION_COLUMN
 from ona_usage.settings import Settings
+from ona_usage.state import SOURCE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,29 @@ RATE_CARD_COLUMNS: TTableSchemaColumns = {
 
 
 def rate_card_resource(config: Settings) -> DltResource:
-    """The team's rate card (`rate_card` / `rate_card_file` in config) as a table the models price hours with."""
+    """The team's rate card (`rate_card` / `rate_card_file` in config) as a table the models price hours with.
+
+    dlt empties a `replace` table its run includes, data or not: a runner that leaves the rate
+    card alone leaves it out of the run (`rate_card_changed`), and this remembers what it wrote.
+    """
     rows = [rate._asdict() for rate in config.rate_card]
-    # Written on every run: dlt empties a `replace` table its run includes, data or not.
-    return dlt.resource(rows, name="rate_card", write_disposition="replace", columns=RATE_CARD_COLUMNS)
+
+    @dlt.resource(name="rate_card", write_disposition="replace", columns=RATE_CARD_COLUMNS)
+    def rate_card() -> Iterator[list[dict[str, Any]]]:
+        changed("rate_card", rows)
+        yield rows
+
+    return rate_card
+
+
+def rate_card_changed(config: Settings, pipeline_state: dict[str, Any]) -> bool:
+    """Whether the configured rate card differs from the one this pipeline last committed."""
+    digests = pipeline_state.get("sources", {}).get(SOURCE_NAME, {}).get("list_digests", {})
+    return digests.get("rate_card") != _digest([rate._asdict() for rate in config.rate_card])
+
+
+def _digest(rows: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def changed(table: str, rows: list[dict[str, Any]]) -> bool:
@@ -103,7 +123,7 @@ def changed(table: str, rows: list[dict[str, Any]]) -> bool:
     kept in the source's state, so one is committed with the load that wrote its rows, or not
     at all.
     """
-    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    digest = _digest(rows)
     digests = dlt.current.source_state().setdefault("list_digests", {})
     if digests.get(table) == digest:
         return False

@@ -32,8 +32,17 @@ from dlt.destinations.exceptions import DatabaseTerminalException, DatabaseUndef
 from dlt.pipeline.trace import PipelineTrace, save_trace
 
 from ona_usage.client import UsageClient, make_client
-from ona_usage.models import MODELS, has_sql, inputs_fingerprint, loaded_tables, models_current, refresh_models
-from ona_usage.names import name_resources, rate_card_resource
+from ona_usage.models import INPUTS as MODEL_INPUTS
+from ona_usage.models import (
+    MODELS,
+    has_sql,
+    inputs_fingerprint,
+    loaded_tables,
+    models_current,
+    pending_refresh,
+    refresh_models,
+)
+from ona_usage.names import name_resources, rate_card_changed, rate_card_resource
 from ona_usage.settings import ConfigError, Settings
 from ona_usage.source import (
     BATCH_ROWS,
@@ -77,6 +86,7 @@ class SyncResult:
     cursor: datetime | None = None
     seconds: float = 0.0
     load_infos: list[LoadInfo] = field(default_factory=list)
+    tables_written: set[str] = field(default_factory=set)  # by the command's loads
 
 
 def run_sync(config: Settings, stats: ExtractStats | None = None) -> SyncResult:
@@ -124,13 +134,19 @@ def _run(
                 windows, result.already_done = _plan(config, state, now, backfill, force)
             touched_from = min((w.start for w in windows), default=None)
             rows_before = _table_rows(pipeline)
-            fingerprint = inputs_fingerprint(pipeline, touched_from)
-            if fingerprint is not None and not models_current(pipeline):
-                fingerprint = None  # a refresh failed, or never ran: this command refreshes them whatever it loads
-            traces = _load_chunks(pipeline, config, client, windows, now, backfill, stats, result, organization_id)
+            # Models a refresh left stale (it failed, or never ran) are rebuilt whatever the command loads.
+            current = models_current(pipeline)
+            fingerprint = inputs_fingerprint(pipeline, touched_from) if current else None
+            traces = _load_chunks(
+                pipeline, config, client, windows, now, backfill, stats, result, organization_id,
+                pending_refresh(touched_from, fingerprint),
+            )
             if result.chunks:
+                names_changed = bool(result.tables_written & set(MODEL_INPUTS))
                 with _room_for_models(config, pipeline):
-                    models = refresh_models(pipeline, unchanged_since=fingerprint, touched_from=touched_from)
+                    models = refresh_models(
+                        pipeline, unchanged_since=fingerprint, touched_from=touched_from, only_touched=current and not names_changed
+                    )
                 traces += models
                 result.load_infos += [t.last_load_info for t in models if t and t.last_load_info]
             _save_trace(pipeline, traces)
@@ -174,11 +190,13 @@ def _load_chunks(
     stats: ExtractStats,
     result: SyncResult,
     organization_id: str,
+    source_state: dict[str, Any],
 ) -> list[PipelineTrace]:
     """One dlt load per chunk of windows, fetched ahead by one fetcher; the names ride the first.
 
     A chunk ends at `--chunk` worth of windows or after `chunk_seconds` of fetching, whichever
     comes first: each load commits its rows and its progress, so a kill loses at most that.
+    The first also commits `source_state` into the source's state.
     """
     stats.windows_total = len(windows)
     size = config.windows_per_chunk
@@ -190,12 +208,12 @@ def _load_chunks(
         feed = Feed(
             windows, fetcher, fetched_at=now, organization_id=organization_id, stats=stats,
             max_windows=size, max_seconds=config.chunk_seconds, max_rows=config.chunk_rows,
-            early_rows=min(BATCH_ROWS, config.chunk_rows),
+            early_rows=min(BATCH_ROWS, config.chunk_rows), source_state=source_state,
         )
         while not feed.last:
             usage = usage_records(config, backfill, feed)
             # With the usage: a list the key may not read is left out (one warning), never the usage.
-            resources = [usage, *([] if result.chunks else _extras(config, client))]
+            resources = [usage, *([] if result.chunks else _extras(config, client, pipeline))]
             if config.destination == "filesystem":
                 # Plain Parquet files cannot be merged into: the usage goes to a Delta table, merged
                 # on `id` as elsewhere; the lists are replaced whole (Delta has no delete-insert).
@@ -205,6 +223,7 @@ def _load_chunks(
             result.load_infos.append(pipeline.run(source_of(resources)))
             result.chunks += 1
             result.rows_loaded += _rows_normalized(pipeline, RESOURCE_NAME)
+            result.tables_written |= _tables_normalized(pipeline)
             traces.append(pipeline.last_trace)
             stats.chunk_committed(feed.taken[-1].end if feed.taken else None)
             if not feed.last:
@@ -237,10 +256,13 @@ def _doubled(limit: str) -> str | None:
     return f"{float(match.group(1)) * 2:g}{match.group(2)}" if match else None
 
 
-def _extras(config: Settings, client: UsageClient) -> list:
-    """What rides with the first load: the lists of names, and the rate card."""
-    extras = name_resources(config, client, every_run=config.destination == "filesystem") if config.names else []
-    return extras + ([rate_card_resource(config)] if config.rate_card else [])
+def _extras(config: Settings, client: UsageClient, pipeline: dlt.Pipeline) -> list:
+    """What rides with the first load: the lists of names, and the rate card where it changed."""
+    every_run = config.destination == "filesystem"
+    extras = name_resources(config, client, every_run=every_run) if config.names else []
+    if config.rate_card and (every_run or rate_card_changed(config, pipeline.state)):
+        extras.append(rate_card_resource(config))
+    return extras
 
 
 def _check_organization(pipeline: dlt.Pipeline, config: Settings, state: SyncState, organization_id: str) -> None:
@@ -304,6 +326,11 @@ def _prune_loaded_packages(pipeline: dlt.Pipeline, result: SyncResult) -> None:
 def _rows_normalized(pipeline: dlt.Pipeline, table: str) -> int:
     normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
     return normalize.row_counts.get(table, 0) if normalize else 0
+
+
+def _tables_normalized(pipeline: dlt.Pipeline) -> set[str]:
+    normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
+    return set(normalize.row_counts) if normalize else set()
 
 
 def _save_trace(pipeline: dlt.Pipeline, traces: list[PipelineTrace]) -> None:

@@ -169,6 +169,7 @@ class Feed:
         max_seconds: float | None = None,
         max_rows: int | None = None,
         early_rows: int | None = None,
+        source_state: dict[str, Any] | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.fetched_at = fetched_at  # the "now" the windows were planned at
@@ -178,6 +179,7 @@ class Feed:
         self.max_seconds = max_seconds
         self.max_rows = max_rows
         self.early_rows = early_rows
+        self.source_state = source_state or {}  # committed into the source's state with the first load
         self.taken: list[Window] = []  # by the current load
         self._todo = deque(windows)
 
@@ -237,6 +239,9 @@ def usage_records(
             check_organization(state.get("organization_id"), own.organization_id, dlt.current.pipeline().pipeline_name)
             yield from _batches(own)
         state["organization_id"] = own.organization_id
+        if own.source_state:
+            dlt.current.source_state().update(own.source_state)
+            own.source_state = {}
         # Reached only when every window of the load was fetched; committed with the rows, or not at all.
         state["last_run"] = {"started_at": own.fetched_at, "backfill": progress_key is not None}
         if not own.taken:
