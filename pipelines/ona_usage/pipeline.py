@@ -224,11 +224,26 @@ def _load_chunks(
             result.chunks += 1
             result.rows_loaded += _rows_normalized(pipeline, RESOURCE_NAME)
             result.tables_written |= _tables_normalized(pipeline)
+            if config.destination == "duckdb" and fetcher.api_is_behind(BATCH_ROWS):
+                _checkpoint(pipeline)
             traces.append(pipeline.last_trace)
             stats.chunk_committed(feed.taken[-1].end if feed.taken else None)
             if not feed.last:
                 logger.info("committed chunk %d (%d of %d windows)", result.chunks, stats.windows_done, stats.windows_total)
     return traces
+
+
+def _checkpoint(pipeline: dlt.Pipeline) -> None:
+    """Fold the loads so far into DuckDB's file now, while the API is the slower side.
+
+    DuckDB does it at the next checkpoint otherwise: on closing, the last thing a command waits
+    for (0.6 s after a year of a million records), and for the partial row groups each load
+    leaves, in the next process. Called when windows are left to fetch and less than a batch
+    waits fetched, the main thread would only wait for pages meanwhile; against a fast API it is
+    not called, and costs nothing.
+    """
+    with pipeline.sql_client() as client:
+        client.execute_sql("CHECKPOINT")
 
 
 @contextmanager
