@@ -157,9 +157,14 @@ def daily_load_ids(db: str) -> dict[date, set[str]]:
     return days
 
 
+NOW = pendulum.now("UTC")
+SHRUNK = make_records(NOW.subtract(minutes=20), 1, "shrunk")[0] | {"createdAt": NOW.subtract(days=5).to_iso8601_string()}
+
+
 def test_a_run_rewrites_the_lists_and_the_models_only_when_they_changed(workdir, monkeypatch):
     configure(monkeypatch)
     store = organisation()
+    store.add([SHRUNK])
     db = str(workdir / DB)
     with EmulatorServer(store, api_key=API_KEY) as emulator:
         sync(emulator)
@@ -172,20 +177,19 @@ def test_a_run_rewrites_the_lists_and_the_models_only_when_they_changed(workdir,
         assert usage > max(first["environment_usage_daily"])
 
         # New usage, no new names: only the days its runs ran on are computed again. One run started
-        # three days ago; another, inside the lookback, the API now reports as started an hour earlier.
+        # three days ago; another, inside the lookback, the API said started five days ago and now
+        # says an hour ago: the days it no longer ran on are computed again too.
         before = daily_load_ids(db)
-        now = pendulum.now("UTC")
-        long_run = make_records(now.subtract(minutes=30), 1, "long")[0] | {
-            "createdAt": now.subtract(days=3).to_iso8601_string(), "environmentClassId": CLASS_LARGE, "userId": "user-3"}
-        latest = max(store.records(), key=lambda r: r["stoppedAt"])
+        long_run = make_records(NOW.subtract(minutes=30), 1, "long")[0] | {
+            "createdAt": NOW.subtract(days=3).to_iso8601_string(), "environmentClassId": CLASS_LARGE, "userId": "user-3"}
         store.add([long_run])
-        store.upsert([latest | {"createdAt": (to_datetime(latest["stoppedAt"]) - timedelta(hours=1)).isoformat()}])
+        store.upsert([SHRUNK | {"createdAt": NOW.subtract(hours=1, minutes=20).to_iso8601_string()}])
         sync(emulator)
         after = daily_load_ids(db)
-        first_day = now.subtract(days=3).date()
+        first_day = NOW.subtract(days=5).date()
         assert {day: ids for day, ids in after.items() if day < first_day} == {day: ids for day, ids in before.items() if day < first_day}
-        new_load = after[now.date()]
-        assert len(new_load) == 1 and new_load != before.get(now.date())
+        new_load = after[NOW.date()]
+        assert len(new_load) == 1 and new_load != before.get(NOW.date())
         assert all(after[day] == new_load for day in after if day >= first_day)
         assert_daily(duckdb_rows(db), expected_daily(store, store.organization_id), store.names)
         assert load_ids(db)["rate_card"] == first["rate_card"]

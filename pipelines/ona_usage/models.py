@@ -184,6 +184,7 @@ def refresh_models(
     touched_from: datetime | None = None,
     *,
     only_touched: bool = False,
+    ran_from_before: date | None = None,
 ) -> list[PipelineTrace]:
     """Load the models after the usage, and return the runs' traces: none where there is nothing
     to model, no SQL, or no change.
@@ -193,7 +194,8 @@ def refresh_models(
     the models stand. With `only_touched` (the models were current before the command, and it
     wrote no list and no rate card), only the days from the first one a run that stopped at or
     after `touched_from` was running on are computed again, and merged over the old ones: an
-    hourly run costs what it loaded, not the size of the table.
+    hourly run costs what it loaded, not the size of the table. `ran_from_before` is that day
+    from before the loads, when a record read again may have said it started earlier.
     """
     if not has_sql(pipeline):
         logger.info("no models on the %s destination", pipeline.destination.destination_name)
@@ -205,9 +207,10 @@ def refresh_models(
         return []
     from_day = None
     if only_touched and touched_from is not None:
-        from_day = first_touched_day(pipeline, touched_from)
-        if from_day is None:
+        days = [day for day in (first_touched_day(pipeline, touched_from), ran_from_before) if day is not None]
+        if not days:
             return []  # the command's windows hold no usage: no day changed
+        from_day = min(days)
     # One model per run: dlt extracts a source's resources round-robin, which would keep both
     # queries open at once, and DuckDB would need twice the memory (the sync caps it). Run after
     # the daily model, the monthly one sums its table instead of computing every day again.

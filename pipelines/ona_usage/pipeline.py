@@ -35,6 +35,7 @@ from ona_usage.client import UsageClient, make_client
 from ona_usage.models import INPUTS as MODEL_INPUTS
 from ona_usage.models import (
     MODELS,
+    first_touched_day,
     has_sql,
     inputs_fingerprint,
     loaded_tables,
@@ -137,6 +138,8 @@ def _run(
             # Models a refresh left stale (it failed, or never ran) are rebuilt whatever the command loads.
             current = models_current(pipeline)
             fingerprint = inputs_fingerprint(pipeline, touched_from) if current else None
+            # where the rows the loads may replace ran from, before they do (a record read again can say it started later)
+            ran_from = first_touched_day(pipeline, touched_from) if current and touched_from else None
             traces = _load_chunks(
                 pipeline, config, client, windows, now, backfill, stats, result, organization_id,
                 pending_refresh(touched_from, fingerprint),
@@ -145,7 +148,8 @@ def _run(
                 names_changed = bool(result.tables_written & set(MODEL_INPUTS))
                 with _room_for_models(config, pipeline):
                     models = refresh_models(
-                        pipeline, unchanged_since=fingerprint, touched_from=touched_from, only_touched=current and not names_changed
+                        pipeline, unchanged_since=fingerprint, touched_from=touched_from,
+                        only_touched=current and not names_changed, ran_from_before=ran_from,
                     )
                 traces += models
                 result.load_infos += [t.last_load_info for t in models if t and t.last_load_info]
