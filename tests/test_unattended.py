@@ -194,8 +194,9 @@ def test_status_answers_while_a_sync_writes_and_report_says_it_is_busy(workdir, 
 
 
 def test_ctrl_c_exits_130_and_says_what_was_committed(workdir, store, emulator):
-    store.add(recent_records(2_000, days=20))
-    emulator.set_faults(latency=0.03)
+    # About 20 s of paging after the first chunk: a busy machine reading the log late cannot see the run end first.
+    store.add(recent_records(4_000, days=20))
+    emulator.set_faults(latency=0.05)
     args = [EXE, "sync", "--base-url", emulator.url, "--start", days_ago(20), "--page-size", "10", "--workers", "1", "--chunk", "2d"]
     process = subprocess.Popen(args, env={**os.environ, "ONA_API_KEY": API_KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logged = []
