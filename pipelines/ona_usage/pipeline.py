@@ -13,7 +13,9 @@ import fcntl
 import logging
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -246,8 +248,17 @@ def _checkpoint(pipeline: dlt.Pipeline) -> None:
     waits fetched, the main thread would only wait for pages meanwhile; against a fast API it is
     not called, and costs nothing.
     """
-    with pipeline.sql_client() as client:
-        client.execute_sql("CHECKPOINT")
+    # Ctrl-C waits for it (a fraction of a second): DuckDB would turn a signal that arrives
+    # meanwhile into an error of its own, and the command could not say what was committed.
+    blocked = threading.current_thread() is threading.main_thread()
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        with pipeline.sql_client() as client:
+            client.execute_sql("CHECKPOINT")
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @contextmanager
