@@ -214,8 +214,8 @@ def test_ctrl_c_exits_130_and_says_what_was_committed(workdir, store, emulator):
     assert process.returncode == 130, err
     through = read_state(make_pipeline(settings.resolve({}))).fetched_through
     lines = [line for line in err.splitlines() if "ona-usage:" in line]
-    assert lines == [lines[-1]] and lines[-1].startswith("ona-usage: interrupted; ")
-    assert f"through {format_rfc3339(through)}; run the same command again to go on from there" in lines[-1]
+    assert lines == [lines[-1]] and lines[-1].startswith("ona-usage: interrupted; "), err
+    assert f"through {format_rfc3339(through)}; run the same command again to go on from there" in lines[-1], err
 
 
 def test_a_closed_pipe_exits_quietly(workdir, emulator):

@@ -27,6 +27,13 @@ logger = logging.getLogger("ona_usage")
 OUR_ERRORS = (OnaApiError, ConfigError, InvalidRecordError, PipelineBusyError, StatusError, WarehouseBusy)
 
 
+class _Running:
+    """The running command's stats, for a Ctrl-C that lands outside its own handler: DuckDB can
+    turn the signal into an error of its own, and Python raises it again a moment later."""
+
+    stats: Any = None
+
+
 class Interrupted(Exception):
     """Ctrl-C during a sync or backfill; says what its committed loads hold."""
 
@@ -71,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _bound_the_allocators()
     args = build_parser().parse_args(argv)
     secrets = Secrets()
+    _Running.stats = None
     with logging_to_stderr(args, secrets):
         try:
             return int(args.run(args, secrets) or 0)
@@ -78,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ona-usage: interrupted; {stop}", file=sys.stderr)
             return 130
         except KeyboardInterrupt:
-            print("ona-usage: interrupted; nothing was committed", file=sys.stderr)
+            stats = _Running.stats
+            stop = Interrupted(stats.chunks_committed, stats.committed_through) if stats else "nothing was committed"
+            print(f"ona-usage: interrupted; {stop}", file=sys.stderr)
             return 130
         except BrokenPipeError:  # `ona-usage ... | head`: the reader has all it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
@@ -435,7 +445,7 @@ def _with_progress(args: argparse.Namespace, label: str, run: Any) -> Any:
 
     mode = choose_mode(args.quiet)
     with ProgressReporter(mode, label) as progress:
-        stats = ExtractStats(on_window=progress.on_window)
+        stats = _Running.stats = ExtractStats(on_window=progress.on_window)
         try:
             return run(stats)
         except BaseException as exc:  # dlt wraps a Ctrl-C inside its step in its own error
