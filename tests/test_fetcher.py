@@ -633,30 +633,3 @@ def test_without_early_rows_a_load_waits_for_the_windows_in_flight() -> None:
             threading.Timer(QUIET, gates.open, (2, 3)).start()
             assert call(lambda: [window for window, _, _ in feed.next_load()]) == windows
             assert feed.last
-
-
-def test_the_api_is_behind_while_windows_are_left_to_start_and_few_rows_wait() -> None:
-    windows = hours(4)  # 2 rows each
-    with Gates(len(windows)) as gates:
-        client = FakeClient(windows, SimpleNamespace(limit=1), work=gates.wait)
-        with WindowFetcher(client, windows, None, workers=1, lookahead=4) as fetcher:  # type: ignore[arg-type]
-            client.wait_for(lambda: client.started == [0], "window 0 to start")
-            assert fetcher.api_is_behind(1)  # three windows to start, nothing waits
-            gates.open(0, 1, 2)
-            client.wait_for(lambda: len(client.started) == 4, "the last window to start")
-            assert not fetcher.api_is_behind(100)  # every window has started: the rest is in flight
-            gates.open(3)
-            assert [call(fetcher.next)[0] for _ in windows] == windows
-
-
-def test_the_api_is_not_behind_once_a_batch_waits() -> None:
-    windows = hours(6)
-    with Gates(len(windows)) as gates:
-        client = FakeClient(windows, SimpleNamespace(limit=1), work=gates.wait)
-        with WindowFetcher(client, windows, None, workers=1, lookahead=6) as fetcher:  # type: ignore[arg-type]
-            gates.open(0, 1)
-            client.wait_for(lambda: client.started == [0, 1, 2], "windows 0 and 1 to be fetched")
-            wait_until(lambda: not fetcher.api_is_behind(4))  # 4 rows wait, 3 windows to start
-            assert fetcher.api_is_behind(5)
-            gates.open(*range(len(windows)))
-            assert [call(fetcher.next)[0] for _ in windows] == windows

@@ -13,9 +13,7 @@ import fcntl
 import logging
 import os
 import re
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -230,35 +228,11 @@ def _load_chunks(
             result.chunks += 1
             result.rows_loaded += _rows_normalized(pipeline, RESOURCE_NAME)
             result.tables_written |= _tables_normalized(pipeline)
-            if config.destination == "duckdb" and fetcher.api_is_behind(BATCH_ROWS):
-                _checkpoint(pipeline)
             traces.append(pipeline.last_trace)
             stats.chunk_committed(feed.taken[-1].end if feed.taken else None)
             if not feed.last:
                 logger.info("committed chunk %d (%d of %d windows)", result.chunks, stats.windows_done, stats.windows_total)
     return traces
-
-
-def _checkpoint(pipeline: dlt.Pipeline) -> None:
-    """Fold the loads so far into DuckDB's file now, while the API is the slower side.
-
-    DuckDB does it at the next checkpoint otherwise: on closing, the last thing a command waits
-    for (0.6 s after a year of a million records), and for the partial row groups each load
-    leaves, in the next process. Called when windows are left to fetch and less than a batch
-    waits fetched, the main thread would only wait for pages meanwhile; against a fast API it is
-    not called, and costs nothing.
-    """
-    # Ctrl-C waits for it (a fraction of a second): DuckDB would turn a signal that arrives
-    # meanwhile into an error of its own, and the command could not say what was committed.
-    blocked = threading.current_thread() is threading.main_thread()
-    if blocked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        with pipeline.sql_client() as client:
-            client.execute_sql("CHECKPOINT")
-    finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @contextmanager

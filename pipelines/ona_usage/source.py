@@ -388,11 +388,6 @@ class WindowFetcher:
         self._fill()
         return result
 
-    def api_is_behind(self, rows: int) -> bool:
-        """Windows are left to start, and fewer than `rows` wait fetched: the consumer would wait."""
-        with self._room:
-            return bool(self._unstarted) and self._held_rows < rows
-
     def only_in_flight(self) -> bool:
         """Every window has started, and the next is still being fetched."""
         with self._room:
