@@ -30,6 +30,7 @@ from typing import Any, Optional
 import dlt
 import pendulum
 import pyarrow as pa
+from dlt.common.runtime import signals
 from dlt.common.schema import Schema
 from dlt.extract.resource import DltResource
 from dlt.extract.source import DltSource
@@ -192,6 +193,8 @@ class Feed:
         self.taken = []
         started, rows = time.monotonic(), 0
         while self._todo and len(self.taken) < self.max_windows:
+            # dlt holds a Ctrl-C during its run until someone asks; a sync spends its time here
+            signals.raise_if_signalled()
             if self.taken and self.max_seconds is not None and time.monotonic() - started >= self.max_seconds:
                 return
             if self.max_rows is not None and rows >= self.max_rows:
