@@ -28,8 +28,8 @@ OUR_ERRORS = (OnaApiError, ConfigError, InvalidRecordError, PipelineBusyError, S
 
 
 class _Running:
-    """The running command's stats, for a Ctrl-C that lands outside its own handler: DuckDB can
-    turn the signal into an error of its own, and Python raises it again a moment later."""
+    """The running command's stats, so that a Ctrl-C which surfaces outside the command's own
+    handler still says what was committed (seen once under load; the cause is not pinned down)."""
 
     stats: Any = None
 

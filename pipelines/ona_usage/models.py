@@ -232,11 +232,15 @@ def first_touched_day(pipeline: dlt.Pipeline, touched_from: datetime) -> date | 
     """
     with pipeline.sql_client() as client:
         sql = FIRST_DAY_SQL.format(records=client.make_qualified_table_name(RESOURCE_NAME), since=_utc_text(touched_from))
-        dialect = pipeline.destination.capabilities().sqlglot_dialect
-        value = client.execute_sql(sqlglot.transpile(sql, read="postgres", write=dialect)[0])[0][0]
+        value = client.execute_sql(_for_destination(pipeline, sql))[0][0]
     if value is None:
         return None
     return value if not isinstance(value, datetime) else value.date()
+
+
+def _for_destination(pipeline: dlt.Pipeline, sql: str) -> str:
+    """The models' SQL, written in PostgreSQL's dialect, in the destination's."""
+    return sqlglot.transpile(sql, read="postgres", write=pipeline.destination.capabilities().sqlglot_dialect)[0]
 
 
 def _utc_text(moment: datetime) -> str:
@@ -332,8 +336,7 @@ def _model(
                 sql = MONTHLY_SQL.format(daily=f"SELECT * FROM {client.make_qualified_table_name(DAILY_MODEL)} {month}")
             else:
                 sql = MONTHLY_SQL.format(daily=daily_sql(pipeline, client))
-            dialect = pipeline.destination.capabilities().sqlglot_dialect
-            with client.execute_query(sqlglot.transpile(sql, read="postgres", write=dialect)[0]) as cursor:
+            with client.execute_query(_for_destination(pipeline, sql)) as cursor:
                 yield from cursor.iter_arrow(chunk_size=BATCH_ROWS)
         if name == MONTHLY_MODEL:  # the last model: the refresh is complete, with this load
             dlt.current.source_state().pop(PENDING_REFRESH, None)

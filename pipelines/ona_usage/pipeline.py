@@ -226,8 +226,9 @@ def _load_chunks(
                     resource.apply_hints(write_disposition="replace")
             result.load_infos.append(pipeline.run(source_of(resources)))
             result.chunks += 1
-            result.rows_loaded += _rows_normalized(pipeline, RESOURCE_NAME)
-            result.tables_written |= _tables_normalized(pipeline)
+            normalized = _normalized(pipeline)
+            result.rows_loaded += normalized.get(RESOURCE_NAME, 0)
+            result.tables_written |= set(normalized)
             traces.append(pipeline.last_trace)
             stats.chunk_committed(feed.taken[-1].end if feed.taken else None)
             if not feed.last:
@@ -327,14 +328,10 @@ def _prune_loaded_packages(pipeline: dlt.Pipeline, result: SyncResult) -> None:
             logger.info("could not tidy load package %s: %s", load_id, exc)
 
 
-def _rows_normalized(pipeline: dlt.Pipeline, table: str) -> int:
+def _normalized(pipeline: dlt.Pipeline) -> dict[str, int]:
+    """Rows per table of the last run's load package."""
     normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
-    return normalize.row_counts.get(table, 0) if normalize else 0
-
-
-def _tables_normalized(pipeline: dlt.Pipeline) -> set[str]:
-    normalize = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
-    return set(normalize.row_counts) if normalize else set()
+    return dict(normalize.row_counts) if normalize else {}
 
 
 def _save_trace(pipeline: dlt.Pipeline, traces: list[PipelineTrace]) -> None:
