@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -37,10 +38,12 @@ from typing import Any
 
 import duckdb
 import pendulum
+import pytest
 
 from dlt.common.versioned_state import decompress_state, json_decode_state
 
 from conftest import API_KEY, assert_table_equals, cli_here, recent_records, to_datetime
+from test_models import SELECT_DAILY, assert_view_equals, expected_daily
 
 SEED = int(os.environ.get("ONA_CRASH_SEED", "20261126"))
 ITERATIONS = 14  # SIGKILLs, always this many; each is followed by a rerun (the next run or the final one)
@@ -231,3 +234,41 @@ def test_sigkill_at_random_moments_never_loses_or_invents_data(workdir, store, e
         f"kills landed: {dict(landed)}; {time.monotonic() - began:.1f} s"
     )
     assert kills == ITERATIONS, f"only {kills} of {runs} runs were killed: the delays are too long"
+
+
+# A run whose DuckDB copy job into `table` commits and is then killed, before dlt records the job
+# as done: the narrowest of the moments the random kills above land in only now and then.
+KILLED_AFTER_A_COPY_COMMITS = textwrap.dedent("""
+    import os, signal, sys
+    from dlt.destinations.impl.duckdb import duck
+    from ona_usage.cli import main
+
+    copy = duck.DuckDbCopyJob.run
+    def copy_then_die(job):
+        copy(job)
+        if os.path.basename(job._file_path).startswith(sys.argv[1] + "."):
+            os.kill(os.getpid(), signal.SIGKILL)
+    duck.DuckDbCopyJob.run = copy_then_die
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("table", [RESOURCE, "environment_usage_daily"])
+def test_a_kill_right_after_a_load_job_commits_doubles_nothing(table, workdir, store, emulator, capsys):
+    """dlt would run the job again, into a staging table that already holds its rows."""
+    store.add(recent_records(300, days=5))
+    args = ["sync", "--start-date", pendulum.now("UTC").subtract(days=6).to_date_string(), "--base-url", emulator.url]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_A_COPY_COMMITS, table, *args],
+        env={**os.environ, "ONA_API_KEY": API_KEY}, capture_output=True, text=True, timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _, pending = local_state(workdir / "dlt-data")
+    assert any(p.startswith("load/normalized/") for p in pending), pending
+
+    result = cli_here(capsys, *args, env={"ONA_API_KEY": API_KEY})
+    assert result.returncode == 0, result.stderr
+    assert "whether they committed cannot be known" in result.stderr
+    assert_table_equals(workdir / DB, store.records())
+    with duckdb.connect(str(workdir / DB), read_only=True) as conn:
+        assert_view_equals(conn.execute(SELECT_DAILY).fetchall(), expected_daily(store.records()))

@@ -559,10 +559,22 @@ def finish_pending(pipeline: dlt.Pipeline) -> None:
     """Load what a failed or killed run extracted but did not load, before fetching anything new.
 
     Its rows and its state belong together, so loading them keeps the table and the cursor
-    consistent; if the package is lost instead (a fresh machine, or one a kill left half
-    moved), the destination's older state rules, which is consistent too.
+    consistent. If the package is lost instead (a fresh machine, one a kill left half moved) or
+    discarded (one whose load a kill cut off mid-write), the destination's older state rules,
+    which is consistent too.
     """
     if not pipeline.has_pending_data:
+        return
+    if cut_off := _cut_off_jobs(pipeline):
+        # The job may have committed its rows just before the kill, and dlt would run it again:
+        # a staging table would then hold its rows twice, and the merge would insert both.
+        logger.warning(
+            "an earlier run was killed while %d load job(s) wrote to the destination, and whether "
+            "they committed cannot be known; discarding its load and fetching its windows again "
+            "from the state stored in the destination",
+            cut_off,
+        )
+        pipeline.drop()
         return
     logger.warning("finishing a load that an earlier run left pending")
     try:
@@ -576,6 +588,14 @@ def finish_pending(pipeline: dlt.Pipeline) -> None:
         )
         # Only completed loads carry state in the destination, so this is the fresh-runner case.
         pipeline.drop()
+
+
+def _cut_off_jobs(pipeline: dlt.Pipeline) -> int:
+    """Load jobs a killed run left running: dlt cannot tell whether their writes committed."""
+    return sum(
+        len(pipeline.get_load_package_info(load_id).jobs.get("started_jobs", []))
+        for load_id in pipeline.list_normalized_load_packages()
+    )
 
 
 def read_state(pipeline: dlt.Pipeline) -> SyncState:
