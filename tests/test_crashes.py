@@ -52,7 +52,7 @@ DB = "ona_usage.duckdb"
 RESOURCE = "environment_usage_records"
 
 
-def _resource_state(state: dict[str, Any] | None) -> dict[str, Any]:
+def resource_state(state: dict[str, Any] | None) -> dict[str, Any]:
     if not state:
         return {}
     return state.get("sources", {}).get("ona_usage", {}).get("resources", {}).get(RESOURCE, {})
@@ -133,11 +133,11 @@ def check_after_kill(workdir: Path, store: Any, start_date: pendulum.DateTime,
     extra = rows.keys() - truth.keys()
     assert not extra, f"rows that the API does not have: {sorted(extra)[:5]}"
     assert all(rows[i] == truth[i] for i in rows)
-    check_consistent(_resource_state(state), rows, store, start_date, backfill, "destination state")
+    check_consistent(resource_state(state), rows, store, start_date, backfill, "destination state")
 
     local, pending = local_state(workdir / "dlt-data")
     if local is not None and not pending:
-        check_consistent(_resource_state(local), rows, store, start_date, backfill, "local state")
+        check_consistent(resource_state(local), rows, store, start_date, backfill, "local state")
     if any(p.startswith("load/") for p in pending):
         return "loading"
     if pending:
@@ -224,7 +224,7 @@ def test_sigkill_at_random_moments_never_loses_or_invents_data(workdir, store, e
     check_after_kill(workdir, store, start_date, backfill)
     assert_table_equals(workdir / DB, store.records())
     state, _ = committed_state(workdir / DB)
-    resource = _resource_state(state)
+    resource = resource_state(state)
     assert resource["fetched_through"] is not None
     assert all(p["done"] for p in resource["backfills"].values()) and resource["backfills"]
 
