@@ -268,7 +268,7 @@ def test_a_kill_right_after_a_load_job_commits_doubles_nothing(table, workdir, s
 
     result = cli_here(capsys, *args, env={"ONA_API_KEY": API_KEY})
     assert result.returncode == 0, result.stderr
-    assert "whether they committed cannot be known" in result.stderr
+    assert "whether they committed cannot be known); discarding the local pipeline folder" in result.stderr
     assert_table_equals(workdir / DB, store.records())
     with duckdb.connect(str(workdir / DB), read_only=True) as conn:
         assert_view_equals(conn.execute(SELECT_DAILY).fetchall(), expected_daily(store.records()))

@@ -565,19 +565,9 @@ def finish_pending(pipeline: dlt.Pipeline) -> None:
     """
     if not pipeline.has_pending_data:
         return
-    if cut_off := _cut_off_jobs(pipeline):
-        # The job may have committed its rows just before the kill, and dlt would run it again:
-        # a staging table would then hold its rows twice, and the merge would insert both.
-        logger.warning(
-            "an earlier run was killed while %d load job(s) wrote to the destination, and whether "
-            "they committed cannot be known; discarding its load and fetching its windows again "
-            "from the state stored in the destination",
-            cut_off,
-        )
-        pipeline.drop()
-        return
     logger.warning("finishing a load that an earlier run left pending")
     try:
+        _refuse_cut_off_jobs(pipeline)
         pipeline.normalize()
         pipeline.load()
     except Exception as exc:  # a run killed mid-step can leave a package dlt cannot finish
@@ -590,12 +580,22 @@ def finish_pending(pipeline: dlt.Pipeline) -> None:
         pipeline.drop()
 
 
-def _cut_off_jobs(pipeline: dlt.Pipeline) -> int:
-    """Load jobs a killed run left running: dlt cannot tell whether their writes committed."""
-    return sum(
+class CutOffLoad(RuntimeError):
+    """A killed run left load jobs running: whether their writes committed cannot be known."""
+
+
+def _refuse_cut_off_jobs(pipeline: dlt.Pipeline) -> None:
+    """dlt would run such a job again, and if it had committed just before the kill, its rows
+    would be in a staging table twice, and the merge would insert both."""
+    cut_off = sum(
         len(pipeline.get_load_package_info(load_id).jobs.get("started_jobs", []))
         for load_id in pipeline.list_normalized_load_packages()
     )
+    if cut_off:
+        raise CutOffLoad(
+            f"the run was killed while {cut_off} load job(s) wrote to the destination, and whether "
+            "they committed cannot be known"
+        )
 
 
 def read_state(pipeline: dlt.Pipeline) -> SyncState:
