@@ -255,7 +255,11 @@ KILLED_AFTER_A_COPY_COMMITS = textwrap.dedent("""
 
 @pytest.mark.parametrize("table", [RESOURCE, "environment_usage_daily"])
 def test_a_kill_right_after_a_load_job_commits_doubles_nothing(table, workdir, store, emulator, capsys):
-    """dlt would run the job again, into a staging table that already holds its rows."""
+    """dlt would run the job again, into a staging table that already holds its rows.
+
+    The usage merge, declared deduplicated, then inserted both copies. The daily model's package
+    is discarded the same way; its refresh after the loads would have mended it in this case.
+    """
     store.add(recent_records(300, days=5))
     args = ["sync", "--start-date", pendulum.now("UTC").subtract(days=6).to_date_string(), "--base-url", emulator.url]
     killed = subprocess.run(
