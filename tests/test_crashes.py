@@ -236,21 +236,35 @@ def test_sigkill_at_random_moments_never_loses_or_invents_data(workdir, store, e
     assert kills == ITERATIONS, f"only {kills} of {runs} runs were killed: the delays are too long"
 
 
-# A run whose DuckDB copy job into `table` commits and is then killed, before dlt records the job
-# as done: the narrowest of the moments the random kills above land in only now and then.
-KILLED_AFTER_A_COPY_COMMITS = textwrap.dedent("""
+# A run killed once a load job into `table` has committed, before dlt records the job as done
+# (its pending-transition marker): the narrowest of the moments the random kills above land in
+# only now and then. Any destination: the job's own `run` has committed when it returns.
+KILLED_AFTER_A_JOB_COMMITS = textwrap.dedent("""
     import os, signal, sys
-    from dlt.destinations.impl.duckdb import duck
+    from dlt.common.destination.client import RunnableLoadJob
     from ona_usage.cli import main
 
-    copy = duck.DuckDbCopyJob.run
-    def copy_then_die(job):
-        copy(job)
-        if os.path.basename(job._file_path).startswith(sys.argv[1] + "."):
+    release = RunnableLoadJob._release
+    def release_or_die(job, next_state):
+        if next_state == "completed" and os.path.basename(job._file_path).startswith(sys.argv[1] + "."):
             os.kill(os.getpid(), signal.SIGKILL)
-    duck.DuckDbCopyJob.run = copy_then_die
+        release(job, next_state)
+    RunnableLoadJob._release = release_or_die
     sys.exit(main(sys.argv[2:]))
 """)
+
+
+def run_killed_after_a_job_commits(table: str, args: list[str], workdir: Path) -> None:
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_A_JOB_COMMITS, table, *args],
+        env={**os.environ, "ONA_API_KEY": API_KEY}, capture_output=True, text=True, timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _, pending = local_state(workdir / "dlt-data")
+    assert any(p.startswith("load/normalized/") for p in pending), pending
+
+
+CUT_OFF = "whether they committed cannot be known); discarding the local pipeline folder"
 
 
 @pytest.mark.parametrize("table", [RESOURCE, "environment_usage_daily"])
@@ -262,17 +276,11 @@ def test_a_kill_right_after_a_load_job_commits_doubles_nothing(table, workdir, s
     """
     store.add(recent_records(300, days=5))
     args = ["sync", "--start-date", pendulum.now("UTC").subtract(days=6).to_date_string(), "--base-url", emulator.url]
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_A_COPY_COMMITS, table, *args],
-        env={**os.environ, "ONA_API_KEY": API_KEY}, capture_output=True, text=True, timeout=120,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    _, pending = local_state(workdir / "dlt-data")
-    assert any(p.startswith("load/normalized/") for p in pending), pending
+    run_killed_after_a_job_commits(table, args, workdir)
 
     result = cli_here(capsys, *args, env={"ONA_API_KEY": API_KEY})
     assert result.returncode == 0, result.stderr
-    assert "whether they committed cannot be known); discarding the local pipeline folder" in result.stderr
+    assert CUT_OFF in result.stderr
     assert_table_equals(workdir / DB, store.records())
     with duckdb.connect(str(workdir / DB), read_only=True) as conn:
         assert_view_equals(conn.execute(SELECT_DAILY).fetchall(), expected_daily(store.records()))

@@ -25,7 +25,9 @@ from ona_usage import settings
 from ona_usage.pipeline import SyncResult, make_pipeline, read_cursor, read_state, run_backfill, run_sync
 from ona_usage.windows import format_rfc3339
 
-from conftest import API_KEY, COLUMNS, PG_SERVER_TIMEZONE, assert_rows_equal, make_records, recent_records, request_ranges
+from conftest import (API_KEY, COLUMNS, PG_SERVER_TIMEZONE, assert_rows_equal, cli_here, make_records, recent_records,
+                      request_ranges)
+from test_crashes import CUT_OFF, run_killed_after_a_job_commits
 
 TABLE = "ona.environment_usage_records"
 SERVER_TIMEZONE = PG_SERVER_TIMEZONE  # the session's server (conftest's `postgres`); each test has its own database (`pg_url`)
@@ -166,3 +168,16 @@ def test_backfill_into_postgres_leaves_the_schedule_alone_and_resumes_after_a_fa
     assert_pg_table_equals(pg_url, store.records(start=start, end=end) + store.records(start=today.subtract(days=2)))
     after = read_state(make_pipeline(settings.resolve({"destination": "postgres"})))
     assert (after.cursor, after.fetched_through) == (before.cursor, before.fetched_through)
+
+
+def test_a_kill_right_after_a_load_job_commits_doubles_nothing_in_postgres(pg_url, workdir, store, emulator, capsys):
+    """dlt would run the job again, into a staging table that already holds its rows."""
+    store.add(recent_records(300, days=5))
+    args = ["sync", "--destination", "postgres", "--base-url", emulator.url,
+            "--start-date", pendulum.now("UTC").subtract(days=6).to_date_string()]
+    run_killed_after_a_job_commits("environment_usage_records", args, workdir)
+
+    result = cli_here(capsys, *args, env={"ONA_API_KEY": API_KEY})
+    assert result.returncode == 0, result.stderr
+    assert CUT_OFF in result.stderr
+    assert_pg_table_equals(pg_url, store.records())
