@@ -12,6 +12,7 @@ from typing import Any
 _WHERE = {
     "EmulatorServer": ".server",
     "FaultConfig": ".faults",
+    "Shape": ".generator",
     "UsageStore": ".data",
     "format_rfc3339": ".rfc3339",
     "generate_organisation": ".generator",

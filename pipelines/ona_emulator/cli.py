@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import pendulum
 
 from .faults import KINDS, FaultConfig, parse_kind
+from .generator import Shape
 
 
 def _instant(text: str) -> pendulum.DateTime:
@@ -105,6 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="seed of the synthetic organisation (default: %(default)s)")
     parser.add_argument("--days", type=int, default=90, help="days of history before --end (default: %(default)s)")
     parser.add_argument("--records", type=int, default=30_000, help="about this many records over --days whole days (default: %(default)s)")
+    shape = parser.add_argument_group("the organisation's shape (defaults: the demo's small team)")
+    shape.add_argument("--users", type=_positive, default=25, help="members who run environments (default: %(default)s)")
+    shape.add_argument("--projects", type=_positive, default=6, help="projects (default: %(default)s)")
+    shape.add_argument("--classes", type=_positive, default=4, help="environment classes (default: %(default)s)")
+    shape.add_argument("--runners", type=_positive, default=3, help="runners (default: %(default)s)")
+    shape.add_argument("--run-minutes", type=_minutes_range, default=None, metavar="LOW-HIGH",
+                       help="draw run lengths log-uniformly from LOW to HIGH minutes, e.g. 1-4320 for a minute to "
+                            "three days (default: 60%% from 3 to 60 minutes, the rest up to 10 hours)")
     parser.add_argument("--end", type=_instant, default=None, help="end of the history, date or RFC 3339 (default: now)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before each response (default: %(default)s)")
     parser.add_argument("--redirect", metavar="PREFIX=LOCATION", action="append", default=[],
@@ -121,6 +130,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="every page after the first sends back the token it was asked with: paging never ends")
     group.add_argument("--repeat-record", dest="fault_repeat_record", action="store_true", default=None,
                        help="each page after the first starts with the previous page's last record")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _minutes_range(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition("-")
+    try:
+        bounds = (float(low), float(high))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH in minutes, such as 1-4320, not {text!r}") from None
+    if not sep or not 0 < bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH in minutes with 0 < LOW <= HIGH, not {text!r}")
+    return bounds
+
+
+def shape_from_args(ns: argparse.Namespace) -> Shape:
+    return Shape(users=ns.users, projects=ns.projects, classes=ns.classes, runners=ns.runners, run_minutes=ns.run_minutes)
 
 
 def faults_from_args(ns: argparse.Namespace) -> FaultConfig:
@@ -146,8 +177,9 @@ def serve_from_args(ns: argparse.Namespace) -> int:
         raise SystemExit(2) from None  # also under `ona-usage emulator`, which ignores our return
     end = ns.end or pendulum.now("UTC")
     start = end.subtract(days=ns.days)
-    store = UsageStore(organisation_records(ns.seed, start, end, ns.records), ingestion_lag=faults.ingestion_lag)
-    store.names = organisation_names(ns.seed)
+    shape = shape_from_args(ns)
+    store = UsageStore(organisation_records(ns.seed, start, end, ns.records, shape), ingestion_lag=faults.ingestion_lag)
+    store.names = organisation_names(ns.seed, shape=shape)
     store.page(0, 0, "", 0, 0)  # build the sorted index now, not on the first request
     server = EmulatorServer(
         store,

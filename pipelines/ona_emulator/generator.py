@@ -10,6 +10,7 @@ import datetime as dt
 import math
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from .rfc3339 import format_rfc3339, to_ns
@@ -24,6 +25,31 @@ _DIGITS = (0, 3, 6, 9)
 # Nanoseconds a timestamp with 0, 3, 6 or 9 fraction digits cannot show.
 _STEPS = tuple(10 ** (9 - d) for d in _DIGITS)
 _TABLE_BITS = 10
+
+
+@dataclass(frozen=True)
+class Shape:
+    """An organisation's shape: how many of each entity, and how long its runs last.
+
+    The default is the demo's small team (runs of 3 minutes to 10 hours). `run_minutes` draws
+    every run log-uniformly from that range instead: (1, 4320) gives runs of a minute to three
+    days, many crossing several UTC midnights, as a busy organisation's do.
+    """
+
+    users: int = 25
+    projects: int = 6
+    classes: int = 4
+    runners: int = 3
+    run_minutes: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if min(self.projects, self.users, self.runners, self.classes) < 1:
+            raise ValueError("projects, users, runners and classes must be at least 1")
+        if self.run_minutes is not None and not 0 < self.run_minutes[0] <= self.run_minutes[1]:
+            raise ValueError("run minutes must be a range LOW-HIGH with 0 < LOW <= HIGH")
+
+
+DEFAULT_SHAPE = Shape()
 
 
 def _uuid_text(h: str) -> str:
@@ -59,6 +85,7 @@ def generate_records(
     classes: int = 4,
     missing_project_ratio: float = 0.05,
     stream: str = "",
+    run_minutes: tuple[float, float] | None = None,
 ) -> list[dict[str, Any]]:
     """`count` records with `start <= stoppedAt < end`, identical for identical arguments.
 
@@ -67,12 +94,12 @@ def generate_records(
     Timestamps use 0, 3, 6 or 9 fraction digits, and runs of up to ~10 hours
     often cross UTC midnight. The organisation (projects, users, classes,
     runners) depends on `seed` alone; `stream` picks another draw of records.
+    `run_minutes` draws every run's length log-uniformly from that range instead.
     """
     start_ns, end_ns = to_ns(start), to_ns(end)
     if end_ns <= start_ns:
         raise ValueError("end must be after start")
-    if min(projects, users, runners, classes) < 1:
-        raise ValueError("projects, users, runners and classes must be at least 1")
+    Shape(users, projects, classes, runners, run_minutes)  # validates
     rng = random.Random(f"{seed}/{stream}" if stream else seed)
     project_ids = _entity_ids(seed, "project", projects)
     user_ids = _entity_ids(seed, "user", users)
@@ -86,6 +113,9 @@ def generate_records(
 
     span = end_ns - start_ns
     short_band, long_band = _log_band(_SHORT_RUN_MINUTES), _log_band(_LONG_RUN_MINUTES)
+    short_share = _SHORT_RUN_SHARE
+    if run_minutes is not None:
+        short_band = long_band = _log_band(run_minutes)
     bits, chance, exp = rng.getrandbits, rng.random, math.exp
     id_hex = rng.randbytes(32 * count).hex()  # two ids per record, drawn in one go
     records: list[dict[str, Any]] = []
@@ -95,7 +125,7 @@ def generate_records(
         stopped -= stopped % _STEPS[stop_choice]
         if stopped < start_ns:
             stopped, stop_choice = start_ns, 3  # 9 digits: start itself, exactly
-        low, width = short_band if chance() < _SHORT_RUN_SHARE else long_band
+        low, width = short_band if chance() < short_share else long_band
         created = stopped - int(exp(low + chance() * width))
         created -= created % _STEPS[create_choice]
         user = user_table[bits(_TABLE_BITS)]
@@ -117,7 +147,7 @@ def generate_records(
 
 
 def generate_organisation(
-    seed: int, start: dt.datetime | str, end: dt.datetime | str, count: int
+    seed: int, start: dt.datetime | str, end: dt.datetime | str, count: int, shape: Shape = DEFAULT_SHAPE
 ) -> list[dict[str, Any]]:
     """About `count` records over whole UTC days from `start`'s day through `end`'s day.
 
@@ -125,11 +155,11 @@ def generate_organisation(
     agree on the days they share: a later emulator holds the earlier one's records and more.
     Records stopping after the store's "now" stay invisible until their time comes.
     """
-    return list(organisation_records(seed, start, end, count))
+    return list(organisation_records(seed, start, end, count, shape))
 
 
 def organisation_records(
-    seed: int, start: dt.datetime | str, end: dt.datetime | str, count: int
+    seed: int, start: dt.datetime | str, end: dt.datetime | str, count: int, shape: Shape = DEFAULT_SHAPE
 ) -> Iterator[dict[str, Any]]:
     """`generate_organisation`'s records a day at a time: a store of ten million fills without
     holding them all as dicts at once."""
@@ -140,7 +170,9 @@ def organisation_records(
     for day in range(first, last + 1):
         day_start = day * _NS_PER_DAY
         yield from generate_records(
-            seed, _instant(day_start), _instant(day_start + _NS_PER_DAY), per_day, stream=str(day)
+            seed, _instant(day_start), _instant(day_start + _NS_PER_DAY), per_day, stream=str(day),
+            projects=shape.projects, users=shape.users, runners=shape.runners, classes=shape.classes,
+            run_minutes=shape.run_minutes,
         )
 
 
@@ -153,8 +185,10 @@ CLASS_NAMES = ("Small (2 vCPU, 8 GiB)", "Regular (4 vCPU, 16 GiB)", "Large (8 vC
 RUNNER_NAMES = ("AWS eu-central-1", "AWS us-east-1", "GCP europe-west3", "On-prem rack 2")
 
 
-def organisation_names(seed: int, projects: int = 6, runners: int = 3, classes: int = 4) -> dict[str, str]:
+def organisation_names(seed: int, projects: int = 6, runners: int = 3, classes: int = 4, shape: Shape | None = None) -> dict[str, str]:
     """Names for the ids `generate_records(seed, ...)` uses, as the list endpoints return them."""
+    if shape is not None:
+        projects, runners, classes = shape.projects, shape.runners, shape.classes
     names: dict[str, str] = {}
     for kind, count, labels in (("project", projects, PROJECT_NAMES), ("runner", runners, RUNNER_NAMES),
                                 ("environment-class", classes, CLASS_NAMES)):

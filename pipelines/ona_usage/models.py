@@ -18,8 +18,10 @@ as one run on the day it stopped.
 from __future__ import annotations
 
 import logging
+import re
+from collections import defaultdict
 from collections.abc import Iterator
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import dlt
@@ -38,6 +40,14 @@ DAILY_MODEL = "environment_usage_daily"
 MONTHLY_MODEL = "environment_usage_monthly"
 MODELS = (DAILY_MODEL, MONTHLY_MODEL)
 BATCH_ROWS = 100_000
+# A query of the models reads at most one run-day (a run counts once on each UTC day it spans)
+# per this many bytes of DuckDB's memory limit, and at most SLICE_RUN_DAYS where the destination
+# sets none: its groups, and so its memory, are bounded by what it reads, not by the table.
+# Measured: one group of the daily model with its names takes about 650 bytes in DuckDB.
+BYTES_PER_RUN_DAY = 2048
+SLICE_RUN_DAYS = 100_000
+_UNITS = {"B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 # {records} is the qualified raw table. Times are taken as UTC whatever the session's zone.
 # The days a run spans come from a set-returning function in the select list, not a LATERAL
@@ -56,7 +66,7 @@ SELECT
 FROM (
   SELECT
     t.*,
-    GENERATE_SERIES(DATE_TRUNC('day', t.start_utc), DATE_TRUNC('day', t.stop_utc), INTERVAL '1 day') AS day
+    GENERATE_SERIES({first_day}, {last_day}, INTERVAL '1 day') AS day
   FROM (
     SELECT
       {organization} AS organization_id,
@@ -68,8 +78,21 @@ FROM (
       CAST(stopped_at AT TIME ZONE 'UTC' AS TIMESTAMP) AS stop_utc
     FROM {records} {runs_from}
   ) AS t
-) AS r {days_from}
+) AS r
 GROUP BY 1, 2, 3, 4, 5, 6
+"""
+
+# How many runs start on one UTC day and stop on another: the days each run adds a row to, from
+# which the refresh cuts its slices. A few rows per day, whatever the number of records.
+SPANS_SQL = """
+SELECT CAST(start_utc AS DATE), CAST(stop_utc AS DATE), COUNT(*)
+FROM (
+  SELECT
+    CAST(LEAST(COALESCE(created_at, stopped_at), stopped_at) AT TIME ZONE 'UTC' AS TIMESTAMP) AS start_utc,
+    CAST(stopped_at AT TIME ZONE 'UTC' AS TIMESTAMP) AS stop_utc
+  FROM {records} {runs_from}
+) AS t
+GROUP BY 1, 2
 """
 
 # The first UTC day a run among those that stopped at or after {since} was running on.
@@ -329,33 +352,65 @@ def _model(
     )
     def model() -> Iterator[pa.Table]:
         with pipeline.sql_client() as client:
-            if name == DAILY_MODEL:
-                sql = daily_sql(pipeline, client, from_day)
-            elif from_daily_table:
-                month = f"WHERE usage_date >= CAST('{from_day.replace(day=1).isoformat()}' AS DATE)" if from_day else ""
-                sql = MONTHLY_SQL.format(daily=f"SELECT * FROM {client.make_qualified_table_name(DAILY_MODEL)} {month}")
-            else:
-                sql = MONTHLY_SQL.format(daily=daily_sql(pipeline, client))
-            with client.execute_query(_for_destination(pipeline, sql)) as cursor:
-                yield from cursor.iter_arrow(chunk_size=BATCH_ROWS)
+            for sql in _slice_queries(pipeline, client, name, from_daily_table, from_day):
+                with client.execute_query(_for_destination(pipeline, sql)) as cursor:
+                    yield from cursor.iter_arrow(chunk_size=BATCH_ROWS)
         if name == MONTHLY_MODEL:  # the last model: the refresh is complete, with this load
             dlt.current.source_state().pop(PENDING_REFRESH, None)
 
     return model
 
 
-def daily_sql(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None) -> str:
+def _slice_queries(
+    pipeline: dlt.Pipeline, client: Any, name: str, from_daily_table: bool, from_day: date | None
+) -> Iterator[str]:
+    """The model's queries, one per slice of days (months): together they hold every day (month)
+    from `from_day` on once, and each only what `SLICE_RUN_DAYS` bounds."""
+    if name == DAILY_MODEL:
+        for first, until in day_slices(pipeline, client, from_day):
+            yield daily_sql(pipeline, client, first, until)
+        return
+    from_month = from_day.replace(day=1) if from_day else None
+    if not from_daily_table:  # self-contained: each month's days computed from the usage
+        for month in _months(day_slices(pipeline, client, from_month)):
+            yield MONTHLY_SQL.format(daily=daily_sql(pipeline, client, month, _next_month(month)))
+        return
+    daily = client.make_qualified_table_name(DAILY_MODEL)
+    for first, until in month_slices(pipeline, client, from_month):
+        days = f"WHERE usage_date >= CAST('{first.isoformat()}' AS DATE) AND usage_date < CAST('{until.isoformat()}' AS DATE)"
+        yield MONTHLY_SQL.format(daily=f"SELECT * FROM {daily} {days}")
+
+
+def _months(slices: list[tuple[date, date]]) -> list[date]:
+    """The months from the first day slice's to the last's, in order."""
+    if not slices:
+        return []
+    months, month = [], slices[0][0].replace(day=1)
+    while month < slices[-1][1]:
+        months.append(month)
+        month = _next_month(month)
+    return months
+
+
+def daily_sql(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None, until_day: date | None = None) -> str:
     """The daily model's query (PostgreSQL dialect) over the tables this pipeline has loaded;
-    `from_day`, its days from that one, which only runs that stopped on it or later add to."""
+    with `from_day` and `until_day`, its days in [from_day, until_day) alone, which only the runs
+    that were running on one of them add to."""
     schema = pipeline.default_schema
     loaded = set(schema.data_table_names(seen_data_only=True))
     columns = schema.get_table_columns(RESOURCE_NAME)
     table = {t: client.make_qualified_table_name(t) for t in (RESOURCE_NAME, *INPUTS) if t in loaded}
+    first_day, last_day = "DATE_TRUNC('day', t.start_utc)", "DATE_TRUNC('day', t.stop_utc)"
+    if from_day:
+        first_day = f"GREATEST({first_day}, {_day_literal(from_day)})"
+    if until_day:
+        last_day = f"LEAST({last_day}, {_day_literal(until_day - timedelta(days=1))})"
     usage = DAILY_SQL.format(
         records=table[RESOURCE_NAME],
         organization="organization_id" if "organization_id" in columns else "CAST(NULL AS TEXT)",
-        runs_from=f"WHERE stopped_at >= CAST('{from_day.isoformat()}T00:00:00+00:00' AS TIMESTAMP WITH TIME ZONE)" if from_day else "",
-        days_from=f"WHERE r.day >= CAST('{from_day.isoformat()}' AS TIMESTAMP)" if from_day else "",
+        runs_from=_runs_in(from_day, until_day),
+        first_day=first_day,
+        last_day=last_day,
     )
     named = _with_names(usage, table)
     if "rate_card" not in table:
@@ -369,6 +424,90 @@ def daily_sql(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None)
         if classes
         else "",
     )
+
+
+def _runs_in(from_day: date | None, until_day: date | None) -> str:
+    """A WHERE clause for the usage rows that were running on a day in [from_day, until_day)."""
+    started = "LEAST(COALESCE(created_at, stopped_at), stopped_at)"
+    conditions = []
+    if from_day:
+        conditions.append(f"stopped_at >= CAST('{from_day.isoformat()}T00:00:00+00:00' AS TIMESTAMP WITH TIME ZONE)")
+    if until_day:
+        conditions.append(f"{started} < CAST('{until_day.isoformat()}T00:00:00+00:00' AS TIMESTAMP WITH TIME ZONE)")
+    return f"WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
+def _day_literal(day: date) -> str:
+    return f"CAST('{day.isoformat()}' AS TIMESTAMP)"
+
+
+def day_slices(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None) -> list[tuple[date, date]]:
+    """Consecutive [first, until) ranges of days from `from_day` (or the first) to the last, each
+    holding at most `SLICE_RUN_DAYS` run-days where days allow (a day is never cut in two).
+
+    The model's memory grows with the groups a query holds, and those with the run-days it reads:
+    days × users × projects × classes × runners for a busy organization, more where runs cross
+    many midnights. One query per slice keeps that bounded whatever the shape of the data.
+    """
+    sql = SPANS_SQL.format(records=client.make_qualified_table_name(RESOURCE_NAME), runs_from=_runs_in(from_day, None))
+    run_days: dict[date, int] = defaultdict(int)
+    for first, last, runs in client.execute_sql(_for_destination(pipeline, sql)):
+        first, last = _as_date(first), _as_date(last)
+        if from_day and first < from_day:
+            first = from_day
+        while first <= last:
+            run_days[first] += runs
+            first += timedelta(days=1)
+    return _cut(sorted(run_days.items()), slice_bound(pipeline, client), lambda day: day + timedelta(days=1))
+
+
+def slice_bound(pipeline: dlt.Pipeline, client: Any) -> int:
+    """The run-days (or daily rows) one query may read: in proportion to DuckDB's memory limit."""
+    if pipeline.destination.destination_name != "duckdb":
+        return SLICE_RUN_DAYS
+    text = str(client.execute_sql("SELECT current_setting('memory_limit')")[0][0])
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", text, flags=re.IGNORECASE)
+    if not match:
+        return SLICE_RUN_DAYS
+    limit = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    return max(int(limit // BYTES_PER_RUN_DAY), 1_000)
+
+
+def month_slices(pipeline: dlt.Pipeline, client: Any, from_month: date | None = None) -> list[tuple[date, date]]:
+    """Consecutive [first, until) ranges of months of the daily model's table, each holding at most
+    `SLICE_RUN_DAYS` of its rows where months allow (a month is never cut in two)."""
+    where = f"WHERE usage_date >= CAST('{from_month.isoformat()}' AS DATE)" if from_month else ""
+    sql = (
+        f"SELECT CAST(DATE_TRUNC('month', usage_date) AS DATE), COUNT(*) "
+        f"FROM {client.make_qualified_table_name(DAILY_MODEL)} {where} GROUP BY 1"
+    )
+    rows = sorted((_as_date(month), count) for month, count in client.execute_sql(_for_destination(pipeline, sql)))
+    return _cut(rows, slice_bound(pipeline, client), _next_month)
+
+
+def _cut(weights: list[tuple[date, int]], bound: int, after: Any) -> list[tuple[date, date]]:
+    """Greedy consecutive slices of sorted (key, weight) pairs with at most `bound` weight each;
+    a key heavier than `bound` alone is a slice of its own. Each slice is [first key, after(last key))."""
+    slices: list[tuple[date, date]] = []
+    first, last, total = None, None, 0
+    for key, weight in weights:
+        if first is not None and total + weight > bound:
+            slices.append((first, after(last)))
+            first, total = None, 0
+        if first is None:
+            first = key
+        last, total = key, total + weight
+    if first is not None:
+        slices.append((first, after(last)))
+    return slices
+
+
+def _next_month(month: date) -> date:
+    return date(month.year + month.month // 12, month.month % 12 + 1, 1)
+
+
+def _as_date(value: date | datetime) -> date:
+    return value.date() if isinstance(value, datetime) else value
 
 
 def _with_names(usage_sql: str, tables: dict[str, str]) -> str:
