@@ -65,7 +65,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ona_emulator import EmulatorServer, UsageStore, catalog, organisation_records
+from ona_emulator import EmulatorServer, Shape, UsageStore, catalog, organisation_records
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -89,6 +89,11 @@ class Case:
     baseline: bool = True  # whether the baseline runs too (it takes minutes per million records)
     rounds: int | None = None  # ona-usage rounds; None: --rounds
     series: str = ""  # the chart line it belongs to: "0 ms", "50 ms"; "" for none
+    shape: Shape = Shape()  # the organization: users, projects, classes, runners, run lengths
+
+
+# Issue 20's shapes of organization: runs of a minute to three days cross several midnights.
+MIDNIGHTS = (1, 4320)
 
 
 # The headline cases (a, b, c) run the baseline beside ona-usage; the scale series adds sizes the
@@ -104,8 +109,16 @@ CASES = {
     "s1m50": Case("s1m50", "1M records, 365 d, 50 ms", 1_000_000, 365, 50.0, baseline=False, rounds=1, series="50 ms"),
     "dense": Case("dense", "3M records, 120 d, 0 ms", 3_000_000, 120, 0.0, baseline=False, rounds=1),
     "l100": Case("l100", "1M records, 365 d, 100 ms", 1_000_000, 365, 100.0, baseline=False, rounds=1),
+    "dense60": Case("dense60", "1M records, 60 d, 50 users, 20 projects, runs 1 min-3 d", 1_000_000, 60, 0.0,
+                    baseline=False, rounds=1, shape=Shape(users=50, projects=20, classes=6, run_minutes=MIDNIGHTS)),
+    "bigorg": Case("bigorg", "1M records, 365 d, 5,000 users, 800 projects, runs 1 min-3 d", 1_000_000, 365, 0.0,
+                   baseline=False, rounds=1, shape=Shape(users=5_000, projects=800, classes=6, run_minutes=MIDNIGHTS)),
+    "densebig": Case("densebig", "3M records, 120 d, 10,000 users, 2,000 projects, runs 1 min-3 d", 3_000_000, 120, 0.0,
+                     baseline=False, rounds=1, shape=Shape(users=10_000, projects=2_000, classes=6, run_minutes=MIDNIGHTS)),
+    "huge": Case("huge", "10M records, 365 d, 10,000 users, 2,000 projects, runs 1 min-3 d", 10_000_000, 365, 0.0,
+                 baseline=False, rounds=1, shape=Shape(users=10_000, projects=2_000, classes=6, run_minutes=MIDNIGHTS)),
 }
-DEFAULT_CASES = "a,b,c,s100k,s3m,s10m,s1m50,dense,l100"
+DEFAULT_CASES = "a,b,c,s100k,s3m,s10m,s1m50,dense,l100,dense60,bigorg,densebig,huge"
 
 
 def log(message: str) -> None:
@@ -211,6 +224,7 @@ def check_table(db_path: Path, truth: pa.Table) -> dict[str, Any]:
             ).fetchone()
         except duckdb.Error as error:  # e.g. a tool that stored timestamps as text
             off = (f"not compared: {error}".splitlines()[0],) * 2
+        daily_off = _daily_off(con)
     finally:
         con.close()
     expected = truth.num_rows
@@ -222,8 +236,39 @@ def check_table(db_path: Path, truth: pa.Table) -> dict[str, Any]:
         "extra_ids": extra,
         "stopped_at_off": off[0],
         "created_at_off": off[1],
-        "ok": rows == expected and distinct == rows and missing == 0 and extra == 0,
+        "daily_days_off": daily_off,
+        "ok": rows == expected and distinct == rows and missing == 0 and extra == 0 and daily_off in (0, None),
     }
+
+
+def _daily_off(con: duckdb.DuckDBPyConnection) -> int | None:
+    """Days whose runs or runtime hours in the daily model differ from the truth's, computed here
+    another way (a join of each run with a calendar of days, in microseconds); None without a model
+    (the baseline has none). A slice that doubled or dropped a day shows here."""
+    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'ona' AND table_name = 'environment_usage_daily'").fetchone()[0]:
+        return None
+    return con.execute(
+        """
+        WITH runs AS (
+          SELECT least(coalesce(created_ns, stopped_ns), stopped_ns) // 1000 AS start_us, stopped_ns // 1000 AS stop_us FROM truth
+        ), days AS (
+          SELECT range AS day_us FROM range(
+            (SELECT min(start_us) FROM runs) // 86400000000 * 86400000000,
+            (SELECT max(stop_us) FROM runs) + 1, 86400000000)
+        ), expected AS (
+          SELECT day_us,
+                 count(*) FILTER (WHERE stop_us >= day_us AND stop_us < day_us + 86400000000) AS runs,
+                 sum(least(stop_us, day_us + 86400000000) - greatest(start_us, day_us)) / 3.6e9 AS hours
+          FROM days JOIN runs ON start_us < day_us + 86400000000 AND stop_us >= day_us
+          GROUP BY day_us
+        ), model AS (
+          SELECT epoch_us(usage_date::TIMESTAMP) AS day_us, sum(runs) AS runs, sum(runtime_hours) AS hours
+          FROM ona.environment_usage_daily GROUP BY 1
+        )
+        SELECT count(*) FROM expected e FULL JOIN model m USING (day_us)
+        WHERE e.runs IS DISTINCT FROM m.runs OR abs(coalesce(e.hours, -1) - coalesce(m.hours, -2)) > 1e-6 * greatest(1, abs(e.hours))
+        """
+    ).fetchone()[0]
 
 
 # -- running one child ----------------------------------------------------------------------
@@ -342,7 +387,7 @@ def run_case(case: Case, args: argparse.Namespace, scratch: Path) -> dict[str, A
 
     log(f"case {case.key} ({case.label}): generating the organisation")
     t0 = time.perf_counter()
-    store = UsageStore(organisation_records(args.seed, start, end, case.records))
+    store = UsageStore(organisation_records(args.seed, start, end, case.records, case.shape))
     store.page(0, 0, "", 0, 0)  # build the sorted index before any request
     generated_s = time.perf_counter() - t0
     truth = build_truth(store, start, end)

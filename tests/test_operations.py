@@ -213,7 +213,8 @@ def test_status_json_dry_run_and_reset(workdir, store, emulator, capsys):
     sync(emulator, start_date=pendulum.now("UTC").subtract(days=3).to_date_string())
     status = json.loads(cli_here(capsys, "status", "--json", env=env).stdout)
     assert set(status) == {"version", "warehouse", "pipeline", "destination", "dataset", "table", "cursor", "fetched_through",
-                           "lookback", "next_sync", "last_load", "table_stats", "backfills", "pending_load_packages"}
+                           "lookback", "next_sync", "last_load", "table_stats", "models", "backfills", "pending_load_packages"}
+    assert status["models"]["current"] is True and status["models"]["last_refresh_error"] is None
     assert status["table_stats"]["rows"] == 200
     assert status["last_load"]["rows"] > 0 and status["pending_load_packages"] == []
     assert status["cursor"] == format_rfc3339(read_state(make_pipeline(settings.resolve({}))).cursor)

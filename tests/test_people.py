@@ -23,6 +23,7 @@ from ona_emulator import EmulatorServer, UsageStore
 from ona_usage import settings
 from ona_usage.cli import main as cli_main
 from ona_usage.pipeline import make_pipeline, read_state, run_sync
+from ona_usage.status import collect_status
 
 import pg_server
 from conftest import API_KEY, isolate, make_records, recent_records, table_rows, to_datetime
@@ -347,8 +348,16 @@ def test_models_a_failed_refresh_left_behind_are_rebuilt_by_the_next_run(workdir
             with pytest.raises(RuntimeError):
                 sync(emulator)  # the new rows are committed; the models are not rebuilt
         assert load_ids(str(workdir / DB))["environment_usage_daily"] == built
+        stale = collect_status(settings.resolve({}))["models"]  # what a monitoring job reads
+        assert stale["current"] is False
+        assert {stale["tables"]["environment_usage_daily"]["load_id"]} == built
+        assert stale["last_refresh_error"]["error"] == "RuntimeError: the warehouse ran out of memory"
         sync(emulator)  # loads nothing new, and still rebuilds the stale models
     assert load_ids(str(workdir / DB))["environment_usage_daily"] != built
+    current = collect_status(settings.resolve({}))["models"]
+    assert current["current"] is True and current["last_refresh_error"] is None
+    assert current["tables"]["environment_usage_daily"]["load_id"] == max(load_ids(str(workdir / DB))["environment_usage_daily"])
+    assert current["tables"]["environment_usage_monthly"]["load_id"] is not None
     with duckdb.connect(str(workdir / DB), read_only=True) as conn:
         rows = conn.execute(SELECT.format(dataset="ona")).fetchall()
     assert_daily(rows, expected_daily(store, store.organization_id), store.names)

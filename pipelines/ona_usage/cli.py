@@ -508,6 +508,14 @@ def format_status(report: dict[str, Any]) -> str:
         + (f", {last['seconds']} s" if last.get("seconds") is not None else ""),
         f"table        {table['rows']:,} rows, stopped_at {table['first_stopped_at']} .. {table['last_stopped_at']}",
     ]
+    models = report.get("models")
+    if models:
+        held = ", ".join(f"{name} load {info['load_id'] or 'none'}" for name, info in models["tables"].items())
+        line = f"models       {'current' if models['current'] else 'STALE (the next sync refreshes them)'}: {held}"
+        if models["last_refresh_error"]:
+            error = models["last_refresh_error"]
+            line += f"\n             last refresh failed at {error['at']}: {error['error']}"
+        lines.append(line)
     for backfill in report["backfills"]:
         state = "done" if backfill["done"] else f"unfinished, committed through {backfill['through']}"
         lines.append(f"backfill     [{backfill['start']}, {backfill['end']}) project {backfill['project_id'] or 'all'}: {state}")

@@ -17,11 +17,13 @@ as one run on the day it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import dlt
@@ -316,6 +318,29 @@ def models_current(pipeline: dlt.Pipeline) -> bool:
     if not pending:
         return True
     return pending["fingerprint"] is not None and inputs_fingerprint(pipeline, pending["touched_from"]) == pending["fingerprint"]
+
+
+REFRESH_ERROR_FILE = "models_refresh_error.json"  # in the pipeline's local folder
+
+
+def record_refresh_error(pipeline: dlt.Pipeline, error: BaseException) -> None:
+    """Keep the failed refresh's error beside the pipeline, for `status`: the loads stay committed
+    and the next run refreshes the models again, but until then they are stale, and say why."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    path = Path(pipeline.working_dir) / REFRESH_ERROR_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "error": f"{type(error).__name__}: {first_line}"}))
+
+
+def clear_refresh_error(pipeline: dlt.Pipeline) -> None:
+    (Path(pipeline.working_dir) / REFRESH_ERROR_FILE).unlink(missing_ok=True)
+
+
+def last_refresh_error(pipeline: dlt.Pipeline) -> dict[str, str] | None:
+    try:
+        return json.loads((Path(pipeline.working_dir) / REFRESH_ERROR_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def pending_refresh(touched_from: datetime | None, fingerprint: str | None) -> dict[str, Any]:

@@ -40,7 +40,9 @@ from ona_usage.models import (
     inputs_fingerprint,
     loaded_tables,
     models_current,
+    clear_refresh_error,
     pending_refresh,
+    record_refresh_error,
     refresh_models,
 )
 from ona_usage.names import name_resources, rate_card_changed, rate_card_resource
@@ -146,11 +148,16 @@ def _run(
             )
             if result.chunks:
                 names_changed = bool(result.tables_written & set(MODEL_INPUTS))
-                with _room_for_models(config, pipeline):
-                    models = refresh_models(
-                        pipeline, unchanged_since=fingerprint, touched_from=touched_from,
-                        only_touched=current and not names_changed, ran_from_before=ran_from,
-                    )
+                try:
+                    with _room_for_models(config, pipeline):
+                        models = refresh_models(
+                            pipeline, unchanged_since=fingerprint, touched_from=touched_from,
+                            only_touched=current and not names_changed, ran_from_before=ran_from,
+                        )
+                except Exception as error:  # the loads stay committed; the next run refreshes again
+                    record_refresh_error(pipeline, error)
+                    raise
+                clear_refresh_error(pipeline)
                 traces += models
                 result.load_infos += [t.last_load_info for t in models if t and t.last_load_info]
             _save_trace(pipeline, traces)

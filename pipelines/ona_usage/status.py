@@ -13,6 +13,7 @@ import dlt
 import pendulum
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
+from ona_usage.models import MODELS, has_sql, last_refresh_error, loaded_tables, models_current
 from ona_usage.pipeline import WarehouseBusy, local_pipeline, read_state, reading, warehouse_exists
 from ona_usage.settings import Settings
 from ona_usage.source import plan_windows
@@ -61,6 +62,7 @@ def _status(settings: Settings, pipeline: dlt.Pipeline, local: dlt.Pipeline | No
         },
         "last_load": None if busy else _last_load(pipeline, trace, state.last_run),
         "table_stats": None if busy else _table_stats(pipeline),
+        "models": None if busy else _models(pipeline, local),
         "backfills": [
             {
                 **dict(zip(("start", "end", "project_id"), parse_backfill_key(key))),
@@ -104,6 +106,21 @@ def _trace_load_ids(trace: Any) -> list[str]:
     return [i for step in trace.steps if step.step == "load" and step.step_info for i in step.step_info.loads_ids]
 
 
+def _models(pipeline: dlt.Pipeline, local: dlt.Pipeline | None) -> dict[str, Any]:
+    """Whether the models hold every load of their inputs, the newest load each holds, and why
+    the last refresh failed if it did: "usage loaded, models stale" is `current: false`."""
+    loads = {}
+    for name in MODELS:
+        row = _query(pipeline, "SELECT max(_dlt_load_id) FROM {%s}" % name) if name in loaded_tables(pipeline) else None
+        loads[name] = row[0][0] if row else None
+    current = has_sql(pipeline) and models_current(pipeline) if pipeline.default_schema_name else False
+    return {
+        "current": bool(current),
+        "tables": {name: {"load_id": load_id} for name, load_id in loads.items()},
+        "last_refresh_error": last_refresh_error(local or pipeline),
+    }
+
+
 def _table_stats(pipeline: dlt.Pipeline) -> dict[str, Any]:
     row = _query(pipeline, "SELECT count(*), min(stopped_at), max(stopped_at) FROM {table}")
     count, first, last = row[0] if row else (0, None, None)
@@ -118,6 +135,7 @@ def _query(pipeline: dlt.Pipeline, sql: str, *args: Any) -> list[tuple] | None:
             text = sql.format(
                 table=client.make_qualified_table_name(RESOURCE_NAME),
                 loads=client.make_qualified_table_name("_dlt_loads"),
+                **{name: client.make_qualified_table_name(name) for name in MODELS},
             )
             return list(client.execute_sql(text, *args) or [])
     except DatabaseUndefinedRelation:
