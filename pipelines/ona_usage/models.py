@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import dlt
 import pyarrow as pa
@@ -392,12 +392,12 @@ def _slice_queries(
     """The model's queries, one per slice of days (months): together they hold every day (month)
     from `from_day` on once, and each only what `SLICE_RUN_DAYS` bounds."""
     if name == DAILY_MODEL:
-        for first, until in day_slices(pipeline, client, from_day):
-            yield daily_sql(pipeline, client, first, until)
+        for first, until, stopped_before in day_slices(pipeline, client, from_day):
+            yield daily_sql(pipeline, client, first, until, stopped_before)
         return
     from_month = from_day.replace(day=1) if from_day else None
     if not from_daily_table:  # self-contained: each month's days computed from the usage
-        for month in _months(day_slices(pipeline, client, from_month)):
+        for month in _months([(first, until) for first, until, _ in day_slices(pipeline, client, from_month)]):
             yield MONTHLY_SQL.format(daily=daily_sql(pipeline, client, month, _next_month(month)))
         return
     daily = client.make_qualified_table_name(DAILY_MODEL)
@@ -417,10 +417,17 @@ def _months(slices: list[tuple[date, date]]) -> list[date]:
     return months
 
 
-def daily_sql(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None, until_day: date | None = None) -> str:
+def daily_sql(
+    pipeline: dlt.Pipeline,
+    client: Any,
+    from_day: date | None = None,
+    until_day: date | None = None,
+    stopped_before: date | None = None,
+) -> str:
     """The daily model's query (PostgreSQL dialect) over the tables this pipeline has loaded;
     with `from_day` and `until_day`, its days in [from_day, until_day) alone, which only the runs
-    that were running on one of them add to."""
+    that were running on one of them add to. `stopped_before`, a day no such run stopped on or
+    after, lets the destination skip the rest of the table (DuckDB's zone maps on stopped_at)."""
     schema = pipeline.default_schema
     loaded = set(schema.data_table_names(seen_data_only=True))
     columns = schema.get_table_columns(RESOURCE_NAME)
@@ -433,7 +440,7 @@ def daily_sql(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None,
     usage = DAILY_SQL.format(
         records=table[RESOURCE_NAME],
         organization="organization_id" if "organization_id" in columns else "CAST(NULL AS TEXT)",
-        runs_from=_runs_in(from_day, until_day),
+        runs_from=_runs_in(from_day, until_day, stopped_before),
         first_day=first_day,
         last_day=last_day,
     )
@@ -451,10 +458,12 @@ def daily_sql(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None,
     )
 
 
-def _runs_in(from_day: date | None, until_day: date | None) -> str:
+def _runs_in(from_day: date | None, until_day: date | None, stopped_before: date | None = None) -> str:
     """A WHERE clause for the usage rows that were running on a day in [from_day, until_day)."""
     started = "LEAST(COALESCE(created_at, stopped_at), stopped_at)"
     conditions = []
+    if stopped_before:
+        conditions.append(f"stopped_at < CAST('{stopped_before.isoformat()}T00:00:00+00:00' AS TIMESTAMP WITH TIME ZONE)")
     if from_day:
         conditions.append(f"stopped_at >= CAST('{from_day.isoformat()}T00:00:00+00:00' AS TIMESTAMP WITH TIME ZONE)")
     if until_day:
@@ -466,9 +475,15 @@ def _day_literal(day: date) -> str:
     return f"CAST('{day.isoformat()}' AS TIMESTAMP)"
 
 
-def day_slices(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None) -> list[tuple[date, date]]:
-    """Consecutive [first, until) ranges of days from `from_day` (or the first) to the last, each
-    holding at most `SLICE_RUN_DAYS` run-days where days allow (a day is never cut in two).
+class DaySlice(NamedTuple):
+    first: date  # the slice's days are [first, until)
+    until: date
+    stopped_before: date  # no run on one of its days stopped on this day or later
+
+
+def day_slices(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None) -> list[DaySlice]:
+    """Consecutive slices of days from `from_day` (or the first) to the last, each holding at most
+    `slice_bound` run-days where days allow (a day is never cut in two).
 
     The model's memory grows with the groups a query holds, and those with the run-days it reads:
     days × users × projects × classes × runners for a busy organization, more where runs cross
@@ -476,14 +491,17 @@ def day_slices(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None
     """
     sql = SPANS_SQL.format(records=client.make_qualified_table_name(RESOURCE_NAME), runs_from=_runs_in(from_day, None))
     run_days: dict[date, int] = defaultdict(int)
+    longest = 0  # days between the start and the stop of the longest run
     for first, last, runs in client.execute_sql(_for_destination(pipeline, sql)):
         first, last = _as_date(first), _as_date(last)
+        longest = max(longest, (last - first).days)
         if from_day and first < from_day:
             first = from_day
         while first <= last:
             run_days[first] += runs
             first += timedelta(days=1)
-    return _cut(sorted(run_days.items()), slice_bound(pipeline, client), lambda day: day + timedelta(days=1))
+    slices = _cut(sorted(run_days.items()), slice_bound(pipeline, client), lambda day: day + timedelta(days=1))
+    return [DaySlice(first, until, until + timedelta(days=longest + 1)) for first, until in slices]
 
 
 def slice_bound(pipeline: dlt.Pipeline, client: Any) -> int:
