@@ -48,6 +48,8 @@ BATCH_ROWS = 100_000
 # Measured: one group of the daily model with its names takes about 650 bytes in DuckDB.
 BYTES_PER_RUN_DAY = 2048
 SLICE_RUN_DAYS = 100_000
+UserRange = tuple[str | None, str | None]  # a slice's user_id in [low, high); None: that end is open
+ALL_USERS: UserRange = (None, None)
 _UNITS = {"B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
@@ -389,32 +391,21 @@ def _model(
 def _slice_queries(
     pipeline: dlt.Pipeline, client: Any, name: str, from_daily_table: bool, from_day: date | None
 ) -> Iterator[str]:
-    """The model's queries, one per slice of days (months): together they hold every day (month)
-    from `from_day` on once, and each only what `SLICE_RUN_DAYS` bounds."""
+    """The model's queries, one per slice of days (months) and users: together they hold every
+    day (month) from `from_day` on, and every user, once; each only what `slice_bound` bounds."""
     if name == DAILY_MODEL:
-        for first, until, stopped_before in day_slices(pipeline, client, from_day):
-            yield daily_sql(pipeline, client, first, until, stopped_before)
+        for first, until, stopped_before, users in day_slices(pipeline, client, from_day):
+            yield daily_sql(pipeline, client, first, until, stopped_before, users)
         return
     from_month = from_day.replace(day=1) if from_day else None
     if not from_daily_table:  # self-contained: each month's days computed from the usage
-        for month in _months([(first, until) for first, until, _ in day_slices(pipeline, client, from_month)]):
-            yield MONTHLY_SQL.format(daily=daily_sql(pipeline, client, month, _next_month(month)))
+        for first, until, users in month_slices(pipeline, client, from_month, from_usage=True):
+            yield MONTHLY_SQL.format(daily=daily_sql(pipeline, client, first, until, users=users))
         return
     daily = client.make_qualified_table_name(DAILY_MODEL)
-    for first, until in month_slices(pipeline, client, from_month):
-        days = f"WHERE usage_date >= CAST('{first.isoformat()}' AS DATE) AND usage_date < CAST('{until.isoformat()}' AS DATE)"
-        yield MONTHLY_SQL.format(daily=f"SELECT * FROM {daily} {days}")
-
-
-def _months(slices: list[tuple[date, date]]) -> list[date]:
-    """The months from the first day slice's to the last's, in order."""
-    if not slices:
-        return []
-    months, month = [], slices[0][0].replace(day=1)
-    while month < slices[-1][1]:
-        months.append(month)
-        month = _next_month(month)
-    return months
+    for first, until, users in month_slices(pipeline, client, from_month):
+        days = f"usage_date >= CAST('{first.isoformat()}' AS DATE) AND usage_date < CAST('{until.isoformat()}' AS DATE)"
+        yield MONTHLY_SQL.format(daily=f"SELECT * FROM {daily} WHERE {' AND '.join([days, *_users_in(users)])}")
 
 
 def daily_sql(
@@ -423,11 +414,13 @@ def daily_sql(
     from_day: date | None = None,
     until_day: date | None = None,
     stopped_before: date | None = None,
+    users: UserRange = ALL_USERS,
 ) -> str:
     """The daily model's query (PostgreSQL dialect) over the tables this pipeline has loaded;
     with `from_day` and `until_day`, its days in [from_day, until_day) alone, which only the runs
-    that were running on one of them add to. `stopped_before`, a day no such run stopped on or
-    after, lets the destination skip the rest of the table (DuckDB's zone maps on stopped_at)."""
+    that were running on one of them add to; with `users`, those users' rows alone. `stopped_before`,
+    a day no such run stopped on or after, lets the destination skip the rest of the table (DuckDB's
+    zone maps on stopped_at)."""
     schema = pipeline.default_schema
     loaded = set(schema.data_table_names(seen_data_only=True))
     columns = schema.get_table_columns(RESOURCE_NAME)
@@ -440,7 +433,7 @@ def daily_sql(
     usage = DAILY_SQL.format(
         records=table[RESOURCE_NAME],
         organization="organization_id" if "organization_id" in columns else "CAST(NULL AS TEXT)",
-        runs_from=_runs_in(from_day, until_day, stopped_before),
+        runs_from=_runs_in(from_day, until_day, stopped_before, users),
         first_day=first_day,
         last_day=last_day,
     )
@@ -458,7 +451,9 @@ def daily_sql(
     )
 
 
-def _runs_in(from_day: date | None, until_day: date | None, stopped_before: date | None = None) -> str:
+def _runs_in(
+    from_day: date | None, until_day: date | None, stopped_before: date | None = None, users: UserRange = ALL_USERS
+) -> str:
     """A WHERE clause for the usage rows that were running on a day in [from_day, until_day)."""
     started = "LEAST(COALESCE(created_at, stopped_at), stopped_at)"
     conditions = []
@@ -468,7 +463,23 @@ def _runs_in(from_day: date | None, until_day: date | None, stopped_before: date
         conditions.append(f"stopped_at >= CAST('{from_day.isoformat()}T00:00:00+00:00' AS TIMESTAMP WITH TIME ZONE)")
     if until_day:
         conditions.append(f"{started} < CAST('{until_day.isoformat()}T00:00:00+00:00' AS TIMESTAMP WITH TIME ZONE)")
+    conditions += _users_in(users)
     return f"WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
+def _users_in(users: UserRange) -> list[str]:
+    """The condition for `user_id` in [low, high), in the destination's own order; an open low end
+    takes the rows without a user too, so the ranges of one cut hold every row exactly once."""
+    low, high = users
+    conditions = [f"user_id >= {_text_literal(low)}"] if low is not None else []
+    if high is not None:
+        below = f"user_id < {_text_literal(high)}"
+        conditions.append(below if low is not None else f"(user_id IS NULL OR {below})")
+    return conditions
+
+
+def _text_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _day_literal(day: date) -> str:
@@ -479,16 +490,36 @@ class DaySlice(NamedTuple):
     first: date  # the slice's days are [first, until)
     until: date
     stopped_before: date  # no run on one of its days stopped on this day or later
+    users: UserRange = ALL_USERS
+
+
+class MonthSlice(NamedTuple):
+    first: date  # the slice's months are [first, until), each from its first day
+    until: date
+    users: UserRange = ALL_USERS
 
 
 def day_slices(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None) -> list[DaySlice]:
     """Consecutive slices of days from `from_day` (or the first) to the last, each holding at most
-    `slice_bound` run-days where days allow (a day is never cut in two).
+    `slice_bound` run-days: a day that holds more is cut by users instead.
 
     The model's memory grows with the groups a query holds, and those with the run-days it reads:
     days × users × projects × classes × runners for a busy organization, more where runs cross
     many midnights. One query per slice keeps that bounded whatever the shape of the data.
     """
+    run_days, longest = _run_days(pipeline, client, from_day)
+    bound = slice_bound(pipeline, client)
+    slices = _cut(run_days, bound, lambda day: day + timedelta(days=1))
+    users = _user_cuts(pipeline, client, _usage_users_sql(client, from_day), slices, bound)
+    return [
+        DaySlice(first, until, until + timedelta(days=longest + 1), part)
+        for (first, until, _), parts in zip(slices, users)
+        for part in parts
+    ]
+
+
+def _run_days(pipeline: dlt.Pipeline, client: Any, from_day: date | None) -> tuple[list[tuple[date, int]], int]:
+    """The run-days on each day from `from_day` on, in order, and how many days the longest run spans."""
     sql = SPANS_SQL.format(records=client.make_qualified_table_name(RESOURCE_NAME), runs_from=_runs_in(from_day, None))
     run_days: dict[date, int] = defaultdict(int)
     longest = 0  # days between the start and the stop of the longest run
@@ -500,8 +531,7 @@ def day_slices(pipeline: dlt.Pipeline, client: Any, from_day: date | None = None
         while first <= last:
             run_days[first] += runs
             first += timedelta(days=1)
-    slices = _cut(sorted(run_days.items()), slice_bound(pipeline, client), lambda day: day + timedelta(days=1))
-    return [DaySlice(first, until, until + timedelta(days=longest + 1)) for first, until in slices]
+    return sorted(run_days.items()), longest
 
 
 def slice_bound(pipeline: dlt.Pipeline, client: Any) -> int:
@@ -516,33 +546,86 @@ def slice_bound(pipeline: dlt.Pipeline, client: Any) -> int:
     return max(int(limit // BYTES_PER_RUN_DAY), 1_000)
 
 
-def month_slices(pipeline: dlt.Pipeline, client: Any, from_month: date | None = None) -> list[tuple[date, date]]:
-    """Consecutive [first, until) ranges of months of the daily model's table, each holding at most
-    `SLICE_RUN_DAYS` of its rows where months allow (a month is never cut in two)."""
-    where = f"WHERE usage_date >= CAST('{from_month.isoformat()}' AS DATE)" if from_month else ""
-    sql = (
-        f"SELECT CAST(DATE_TRUNC('month', usage_date) AS DATE), COUNT(*) "
-        f"FROM {client.make_qualified_table_name(DAILY_MODEL)} {where} GROUP BY 1"
-    )
-    rows = sorted((_as_date(month), count) for month, count in client.execute_sql(_for_destination(pipeline, sql)))
-    return _cut(rows, slice_bound(pipeline, client), _next_month)
+def month_slices(
+    pipeline: dlt.Pipeline, client: Any, from_month: date | None = None, *, from_usage: bool = False
+) -> list[MonthSlice]:
+    """Consecutive slices of months from `from_month` on, each holding at most `slice_bound` rows
+    of the daily model (run-days, `from_usage`) where months allow; a month that holds more is cut
+    by users instead, as its groups are: a month of a 10,000-engineer organization holds millions."""
+    bound = slice_bound(pipeline, client)
+    if from_usage:
+        run_days, _ = _run_days(pipeline, client, from_month)
+        weights: dict[date, int] = defaultdict(int)
+        for day, runs in run_days:
+            weights[day.replace(day=1)] += runs
+        rows = sorted(weights.items())
+        # one month per query: a month's days are computed in the query, and its groups held at once
+        slices = [(month, _next_month(month), runs) for month, runs in rows]
+        users_sql = _usage_users_sql(client, from_month)
+    else:
+        daily = client.make_qualified_table_name(DAILY_MODEL)
+        where = f"WHERE usage_date >= CAST('{from_month.isoformat()}' AS DATE)" if from_month else ""
+        sql = f"SELECT CAST(DATE_TRUNC('month', usage_date) AS DATE), COUNT(*) FROM {daily} {where} GROUP BY 1"
+        rows = sorted((_as_date(month), count) for month, count in client.execute_sql(_for_destination(pipeline, sql)))
+        slices = _cut(rows, bound, _next_month)
+        users_sql = f"SELECT user_id, COUNT(*) AS n FROM {daily} {where} GROUP BY user_id"
+    users = _user_cuts(pipeline, client, users_sql, slices, bound)
+    return [MonthSlice(first, until, part) for (first, until, _), parts in zip(slices, users) for part in parts]
 
 
-def _cut(weights: list[tuple[date, int]], bound: int, after: Any) -> list[tuple[date, date]]:
+def _cut(weights: list[tuple[date, int]], bound: int, after: Any) -> list[tuple[date, date, int]]:
     """Greedy consecutive slices of sorted (key, weight) pairs with at most `bound` weight each;
-    a key heavier than `bound` alone is a slice of its own. Each slice is [first key, after(last key))."""
-    slices: list[tuple[date, date]] = []
+    a key heavier than `bound` alone is a slice of its own. Each slice is [first key, after(last
+    key)) with its weight."""
+    slices: list[tuple[date, date, int]] = []
     first, last, total = None, None, 0
     for key, weight in weights:
         if first is not None and total + weight > bound:
-            slices.append((first, after(last)))
+            slices.append((first, after(last), total))
             first, total = None, 0
         if first is None:
             first = key
         last, total = key, total + weight
     if first is not None:
-        slices.append((first, after(last)))
+        slices.append((first, after(last), total))
     return slices
+
+
+def _usage_users_sql(client: Any, from_day: date | None) -> str:
+    """Rows per user of the usage that ran on a day from `from_day` on."""
+    records = client.make_qualified_table_name(RESOURCE_NAME)
+    return f"SELECT user_id, COUNT(*) AS n FROM {records} {_runs_in(from_day, None)} GROUP BY user_id"
+
+
+def _user_cuts(
+    pipeline: dlt.Pipeline, client: Any, users_sql: str, slices: list[tuple[date, date, int]], bound: int
+) -> list[list[UserRange]]:
+    """For each slice, the user ranges it is cut into: one holding all users where the slice is
+    within `bound`, else as many as bring each part within it, of about equal rows.
+
+    A slice's rows are taken to spread over users as the whole refresh's do; the bound's margin
+    (see BYTES_PER_RUN_DAY) covers the difference. The boundaries are users in the destination's
+    own order (its ORDER BY), so its comparisons put every row in exactly one range.
+    """
+    if all(weight <= bound for _, _, weight in slices):
+        return [[ALL_USERS] for _ in slices]
+    ordered = f"SELECT user_id, n FROM ({users_sql}) AS w WHERE user_id IS NOT NULL ORDER BY user_id"
+    users = [(user, int(n)) for user, n in client.execute_sql(_for_destination(pipeline, ordered))]
+    return [_user_ranges(users, -(-weight // bound)) if weight > bound else [ALL_USERS] for _, _, weight in slices]
+
+
+def _user_ranges(users: list[tuple[str, int]], parts: int) -> list[UserRange]:
+    """`parts` consecutive ranges of the (user, rows) pairs, in their order, of about equal rows
+    (fewer where one user holds more than a part); together they cover every user once."""
+    total = sum(rows for _, rows in users)
+    edges: list[str | None] = [None]
+    seen = 0
+    for user, rows in users:
+        if len(edges) < parts and seen >= total * len(edges) / parts:
+            edges.append(user)
+        seen += rows
+    edges.append(None)
+    return list(zip(edges, edges[1:]))
 
 
 def _next_month(month: date) -> date:
