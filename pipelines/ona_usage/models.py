@@ -22,6 +22,7 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -212,6 +213,7 @@ def refresh_models(
     *,
     only_touched: bool = False,
     ran_from_before: date | None = None,
+    query_memory_limit: str | None = None,
 ) -> list[PipelineTrace]:
     """Load the models after the usage, and return the runs' traces: none where there is nothing
     to model, no SQL, or no change.
@@ -223,6 +225,8 @@ def refresh_models(
     after `touched_from` was running on are computed again, and merged over the old ones: an
     hourly run costs what it loaded, not the size of the table. `ran_from_before` is that day
     from before the loads, when a record read again may have said it started earlier.
+    `query_memory_limit`, on DuckDB, is its memory limit while the models' queries run, and
+    only then: their loads, like the usage's, need no more than the command's own limit.
     """
     if not has_sql(pipeline):
         logger.info("no models on the %s destination", pipeline.destination.destination_name)
@@ -245,7 +249,8 @@ def refresh_models(
 
     traces = []
     for model in MODELS:
-        pipeline.run(source_of([_model(pipeline, model, from_daily_table=True, from_day=from_day)]))
+        resource = _model(pipeline, model, from_daily_table=True, from_day=from_day, memory_limit=query_memory_limit)
+        pipeline.run(source_of([resource]))
         traces.append(pipeline.last_trace)
     return traces
 
@@ -364,10 +369,16 @@ def has_sql(pipeline: dlt.Pipeline) -> bool:
 
 
 def _model(
-    pipeline: dlt.Pipeline, name: str, *, from_daily_table: bool = False, from_day: date | None = None
+    pipeline: dlt.Pipeline,
+    name: str,
+    *,
+    from_daily_table: bool = False,
+    from_day: date | None = None,
+    memory_limit: str | None = None,
 ) -> DltResource:
     """A model as a resource, replaced whole; or, `from_day`, its days (months) from that one's
-    computed again and merged over the old. `from_daily_table` where the daily model was just loaded."""
+    computed again and merged over the old. `from_daily_table` where the daily model was just
+    loaded; `memory_limit`, DuckDB's while the model's queries run."""
     key = next(iter(COLUMNS[name]))  # usage_date, usage_month
     merged = from_day is not None
 
@@ -378,7 +389,7 @@ def _model(
         columns=COLUMNS[name],
     )
     def model() -> Iterator[pa.Table]:
-        with pipeline.sql_client() as client:
+        with pipeline.sql_client() as client, _memory_limit(client, memory_limit):
             for sql in _slice_queries(pipeline, client, name, from_daily_table, from_day):
                 with client.execute_query(_for_destination(pipeline, sql)) as cursor:
                     yield from cursor.iter_arrow(chunk_size=BATCH_ROWS)
@@ -386,6 +397,21 @@ def _model(
             dlt.current.source_state().pop(PENDING_REFRESH, None)
 
     return model
+
+
+@contextmanager
+def _memory_limit(client: Any, limit: str | None) -> Iterator[None]:
+    """DuckDB's memory limit set to `limit` while the queries run, and back after: the slices
+    are bounded by it (`slice_bound`), and the load that follows by the one it had before."""
+    if limit is None:
+        yield
+        return
+    before = str(client.execute_sql("SELECT current_setting('memory_limit')")[0][0])
+    client.execute_sql("SET memory_limit = ?", limit)
+    try:
+        yield
+    finally:
+        client.execute_sql("SET memory_limit = ?", before)
 
 
 def _slice_queries(
