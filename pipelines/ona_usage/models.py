@@ -213,7 +213,7 @@ def refresh_models(
     *,
     only_touched: bool = False,
     ran_from_before: date | None = None,
-    query_memory_limit: str | None = None,
+    memory_limits: tuple[str, str] | None = None,
 ) -> list[PipelineTrace]:
     """Load the models after the usage, and return the runs' traces: none where there is nothing
     to model, no SQL, or no change.
@@ -225,8 +225,8 @@ def refresh_models(
     after `touched_from` was running on are computed again, and merged over the old ones: an
     hourly run costs what it loaded, not the size of the table. `ran_from_before` is that day
     from before the loads, when a record read again may have said it started earlier.
-    `query_memory_limit`, on DuckDB, is its memory limit while the models' queries run, and
-    only then: their loads, like the usage's, need no more than the command's own limit.
+    `memory_limits`, on DuckDB, are its memory limit while the models' queries run and the one
+    it gets back after them: their loads, like the usage's, need no more than the command's own.
     """
     if not has_sql(pipeline):
         logger.info("no models on the %s destination", pipeline.destination.destination_name)
@@ -249,7 +249,7 @@ def refresh_models(
 
     traces = []
     for model in MODELS:
-        resource = _model(pipeline, model, from_daily_table=True, from_day=from_day, memory_limit=query_memory_limit)
+        resource = _model(pipeline, model, from_daily_table=True, from_day=from_day, memory_limits=memory_limits)
         pipeline.run(source_of([resource]))
         traces.append(pipeline.last_trace)
     return traces
@@ -374,11 +374,11 @@ def _model(
     *,
     from_daily_table: bool = False,
     from_day: date | None = None,
-    memory_limit: str | None = None,
+    memory_limits: tuple[str, str] | None = None,
 ) -> DltResource:
     """A model as a resource, replaced whole; or, `from_day`, its days (months) from that one's
     computed again and merged over the old. `from_daily_table` where the daily model was just
-    loaded; `memory_limit`, DuckDB's while the model's queries run."""
+    loaded; `memory_limits`, DuckDB's while the model's queries run and after."""
     key = next(iter(COLUMNS[name]))  # usage_date, usage_month
     merged = from_day is not None
 
@@ -389,7 +389,7 @@ def _model(
         columns=COLUMNS[name],
     )
     def model() -> Iterator[pa.Table]:
-        with pipeline.sql_client() as client, _memory_limit(client, memory_limit):
+        with pipeline.sql_client() as client, _memory_limits(client, memory_limits):
             for sql in _slice_queries(pipeline, client, name, from_daily_table, from_day):
                 with client.execute_query(_for_destination(pipeline, sql)) as cursor:
                     yield from cursor.iter_arrow(chunk_size=BATCH_ROWS)
@@ -400,18 +400,19 @@ def _model(
 
 
 @contextmanager
-def _memory_limit(client: Any, limit: str | None) -> Iterator[None]:
-    """DuckDB's memory limit set to `limit` while the queries run, and back after: the slices
-    are bounded by it (`slice_bound`), and the load that follows by the one it had before."""
-    if limit is None:
+def _memory_limits(client: Any, limits: tuple[str, str] | None) -> Iterator[None]:
+    """DuckDB's memory limit at the first of `limits` while the queries run, and at the second
+    after: the slices are bounded by the first (`slice_bound`), the load that follows by the
+    second. (Given, not read back: DuckDB shows a limit rounded, and it would drift.)"""
+    if limits is None:
         yield
         return
-    before = str(client.execute_sql("SELECT current_setting('memory_limit')")[0][0])
-    client.execute_sql("SET memory_limit = ?", limit)
+    during, after = limits
+    client.execute_sql("SET memory_limit = ?", during)
     try:
         yield
     finally:
-        client.execute_sql("SET memory_limit = ?", before)
+        client.execute_sql("SET memory_limit = ?", after)
 
 
 def _slice_queries(

@@ -152,7 +152,7 @@ def _run(
                     models = refresh_models(
                         pipeline, unchanged_since=fingerprint, touched_from=touched_from,
                         only_touched=current and not names_changed, ran_from_before=ran_from,
-                        query_memory_limit=_doubled(config.duckdb_memory_limit) if config.destination == "duckdb" else None,
+                        memory_limits=_models_memory(config),
                     )
                 except Exception as error:  # the loads stay committed; the next run refreshes again
                     record_refresh_error(pipeline, error)
@@ -243,9 +243,15 @@ def _load_chunks(
     return traces
 
 
+def _models_memory(config: Settings) -> tuple[str, str] | None:
+    """DuckDB's memory limit while the models' queries run, twice the loads' (they group many
+    runs' days at once, and run when the fetched windows are gone), and the loads' after them."""
+    doubled = _doubled(config.duckdb_memory_limit)
+    return (doubled, config.duckdb_memory_limit) if config.destination == "duckdb" and doubled else None
+
+
 def _doubled(limit: str) -> str | None:
-    """`64MB` as `128MB`, the models' queries' room (they group many runs' days at once, and run
-    when the fetched windows are gone); None for what is not a size (DuckDB's own default, say)."""
+    """`64MB` as `128MB`; None for what is not a size (DuckDB's own default, say)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", limit, flags=re.IGNORECASE)
     return f"{float(match.group(1)) * 2:g}{match.group(2)}" if match else None
 
