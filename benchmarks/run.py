@@ -27,14 +27,16 @@ Results: a table on stdout, `benchmarks/results/latest.json`, a bar chart of row
 baseline in `benchmarks/results/latest.png`, and time and memory against records in
 `benchmarks/results/latest-scale.png` (charts need matplotlib; skipped with a note without it).
 
-    .venv/bin/python benchmarks/run.py                # every case (about 25 minutes)
+    .venv/bin/python benchmarks/run.py                # every case (about an hour)
     .venv/bin/python benchmarks/run.py --cases a,b    # the two headline cases, 3 ona-usage rounds, 1 baseline round
     .venv/bin/python benchmarks/run.py --quick        # case b only, one round of each
 
 Cases `a`, `b` and `c` run the baseline beside ona-usage (3 ona-usage rounds); the scale series
 (`s100k`, `s3m`, `s10m`, `s1m50`, with `a`, `b` and `c`), the dense organization (`dense`: three
 million records in 120 days) and the long latency (`l100`: 100 ms a request, compared with
-what the latency alone costs at 16 requests in flight) run ona-usage once.
+what the latency alone costs at 16 requests in flight) run ona-usage once, as do the shapes of
+organization (`dense60`, `bigorg`, `densebig`, `huge`: thousands of users and projects, runs
+that cross several midnights), whose daily model is checked day by day as well.
 """
 
 from __future__ import annotations
