@@ -242,6 +242,17 @@ def request_ranges(emulator: EmulatorServer) -> list[tuple[str, str]]:
     return ranges
 
 
+def first_start(ranges: list[tuple[str, str]]) -> str:
+    """The earliest startTime asked: windows go out at once, so in the first hours after a UTC
+    midnight the lookback's two windows may be asked today's first."""
+    return min((start for start, _ in ranges), key=pendulum.parse)
+
+
+def utc_days(start: pendulum.DateTime, end: pendulum.DateTime) -> int:
+    """How many day windows [start, end) is cut into: one per UTC day it touches."""
+    return (end.subtract(microseconds=1).in_tz("UTC").date() - start.in_tz("UTC").date()).days + 1
+
+
 def cli_here(
     capture: pytest.CaptureFixture, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:

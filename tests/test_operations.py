@@ -20,7 +20,7 @@ from ona_usage import settings
 from ona_usage.pipeline import make_pipeline, pipeline_lock, read_state, run_backfill, run_sync
 from ona_usage.windows import format_rfc3339
 
-from conftest import API_KEY, assert_table_equals, cli_here, make_records, recent_records, request_ranges, run_cli, table_rows
+from conftest import API_KEY, assert_table_equals, cli_here, make_records, recent_records, request_ranges, run_cli, table_rows, utc_days
 from test_sync import DB, sync
 
 
@@ -218,7 +218,11 @@ def test_status_json_dry_run_and_reset(workdir, store, emulator, capsys):
     assert status["table_stats"]["rows"] == 200
     assert status["last_load"]["rows"] > 0 and status["pending_load_packages"] == []
     assert status["cursor"] == format_rfc3339(read_state(make_pipeline(settings.resolve({}))).cursor)
-    assert status["next_sync"]["windows"] == 1 and status["backfills"] == []
+    # the lookback's two hours: one day window, two in the first hours after a UTC midnight
+    next_sync = status["next_sync"]
+    assert pendulum.parse(next_sync["start"]) >= pendulum.parse(status["fetched_through"]).subtract(hours=2)
+    assert next_sync["windows"] == utc_days(pendulum.parse(next_sync["start"]), pendulum.parse(next_sync["end"]))
+    assert status["backfills"] == []
 
     refused = cli_here(capsys, "reset", env=env)
     assert refused.returncode == 2 and "--yes" in refused.stderr and refused.stdout == ""

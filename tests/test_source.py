@@ -25,7 +25,7 @@ from ona_usage import ona_usage, ona_usage_models
 from ona_usage.cli import main as cli_main
 from ona_usage.pipeline import read_state
 
-from conftest import API_KEY, assert_table_equals, isolate, recent_records, request_ranges
+from conftest import API_KEY, assert_table_equals, isolate, recent_records, first_start, request_ranges
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -167,7 +167,7 @@ def test_the_source_cleans_up_and_its_second_run_fetches_only_what_is_new(workdi
     pipeline.run(ona_usage(base_url=emulator.url))
 
     ranges = request_ranges(emulator)
-    assert ranges and pendulum.parse(ranges[0][0]) == fetched_at.subtract(hours=2)  # the lookback, as the CLI plans it
+    assert ranges and pendulum.parse(first_start(ranges)) == fetched_at.subtract(hours=2)  # the lookback, as the CLI plans it
     assert_table_equals(workdir / DB, store.records(), dataset="ona")
 
 
