@@ -3,7 +3,7 @@
 A command takes the pipeline's lock, follows the destination's state (finishing a load that a
 killed run left pending), then runs the source one chunk of windows at a time: each chunk is
 one dlt load that commits its rows and its progress together, so a crash loses at most the
-chunk in flight. The names ride with the last chunk; the models are refreshed after it.
+chunk in flight. The names ride with the first chunk; the models are refreshed after the last.
 """
 
 from __future__ import annotations
