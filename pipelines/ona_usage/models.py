@@ -22,7 +22,6 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -213,7 +212,6 @@ def refresh_models(
     *,
     only_touched: bool = False,
     ran_from_before: date | None = None,
-    memory_limits: tuple[str, str] | None = None,
 ) -> list[PipelineTrace]:
     """Load the models after the usage, and return the runs' traces: none where there is nothing
     to model, no SQL, or no change.
@@ -225,8 +223,6 @@ def refresh_models(
     after `touched_from` was running on are computed again, and merged over the old ones: an
     hourly run costs what it loaded, not the size of the table. `ran_from_before` is that day
     from before the loads, when a record read again may have said it started earlier.
-    `memory_limits`, on DuckDB, are its memory limit while the models' queries run and the one
-    it gets back after them: their loads, like the usage's, need no more than the command's own.
     """
     if not has_sql(pipeline):
         logger.info("no models on the %s destination", pipeline.destination.destination_name)
@@ -249,8 +245,7 @@ def refresh_models(
 
     traces = []
     for model in MODELS:
-        resource = _model(pipeline, model, from_daily_table=True, from_day=from_day, memory_limits=memory_limits)
-        pipeline.run(source_of([resource]))
+        pipeline.run(source_of([_model(pipeline, model, from_daily_table=True, from_day=from_day)]))
         traces.append(pipeline.last_trace)
     return traces
 
@@ -369,16 +364,10 @@ def has_sql(pipeline: dlt.Pipeline) -> bool:
 
 
 def _model(
-    pipeline: dlt.Pipeline,
-    name: str,
-    *,
-    from_daily_table: bool = False,
-    from_day: date | None = None,
-    memory_limits: tuple[str, str] | None = None,
+    pipeline: dlt.Pipeline, name: str, *, from_daily_table: bool = False, from_day: date | None = None
 ) -> DltResource:
     """A model as a resource, replaced whole; or, `from_day`, its days (months) from that one's
-    computed again and merged over the old. `from_daily_table` where the daily model was just
-    loaded; `memory_limits`, DuckDB's while the model's queries run and after."""
+    computed again and merged over the old. `from_daily_table` where the daily model was just loaded."""
     key = next(iter(COLUMNS[name]))  # usage_date, usage_month
     merged = from_day is not None
 
@@ -389,7 +378,7 @@ def _model(
         columns=COLUMNS[name],
     )
     def model() -> Iterator[pa.Table]:
-        with pipeline.sql_client() as client, _memory_limits(client, memory_limits):
+        with pipeline.sql_client() as client:
             for sql in _slice_queries(pipeline, client, name, from_daily_table, from_day):
                 with client.execute_query(_for_destination(pipeline, sql)) as cursor:
                     yield from cursor.iter_arrow(chunk_size=BATCH_ROWS)
@@ -397,22 +386,6 @@ def _model(
             dlt.current.source_state().pop(PENDING_REFRESH, None)
 
     return model
-
-
-@contextmanager
-def _memory_limits(client: Any, limits: tuple[str, str] | None) -> Iterator[None]:
-    """DuckDB's memory limit at the first of `limits` while the queries run, and at the second
-    after: the slices are bounded by the first (`slice_bound`), the load that follows by the
-    second. (Given, not read back: DuckDB shows a limit rounded, and it would drift.)"""
-    if limits is None:
-        yield
-        return
-    during, after = limits
-    client.execute_sql("SET memory_limit = ?", during)
-    try:
-        yield
-    finally:
-        client.execute_sql("SET memory_limit = ?", after)
 
 
 def _slice_queries(

@@ -149,11 +149,11 @@ def _run(
             if result.chunks:
                 names_changed = bool(result.tables_written & set(MODEL_INPUTS))
                 try:
-                    models = refresh_models(
-                        pipeline, unchanged_since=fingerprint, touched_from=touched_from,
-                        only_touched=current and not names_changed, ran_from_before=ran_from,
-                        memory_limits=_models_memory(config),
-                    )
+                    with _room_for_models(config, pipeline):
+                        models = refresh_models(
+                            pipeline, unchanged_since=fingerprint, touched_from=touched_from,
+                            only_touched=current and not names_changed, ran_from_before=ran_from,
+                        )
                 except Exception as error:  # the loads stay committed; the next run refreshes again
                     record_refresh_error(pipeline, error)
                     raise
@@ -243,11 +243,24 @@ def _load_chunks(
     return traces
 
 
-def _models_memory(config: Settings) -> tuple[str, str] | None:
-    """DuckDB's memory limit while the models' queries run, twice the loads' (they group many
-    runs' days at once, and run when the fetched windows are gone), and the loads' after them."""
+@contextmanager
+def _room_for_models(config: Settings, pipeline: dlt.Pipeline) -> Iterator[None]:
+    """Twice the loads' DuckDB memory for the models' queries and their loads.
+
+    They run after the loads, when the fetched windows are gone. The queries are sliced to fit
+    (`slice_bound`), but a model's load copies its whole table in one job: at the loads' own
+    limit, 40MB, the monthly model of 3M runs by 10,000 users ran out where the usage had not.
+    """
     doubled = _doubled(config.duckdb_memory_limit)
-    return (doubled, config.duckdb_memory_limit) if config.destination == "duckdb" and doubled else None
+    if config.destination != "duckdb" or doubled is None:
+        yield
+        return
+    with pipeline.sql_client() as client:
+        client.execute_sql("SET memory_limit = ?", doubled)
+        try:
+            yield
+        finally:
+            client.execute_sql("SET memory_limit = ?", config.duckdb_memory_limit)
 
 
 def _doubled(limit: str) -> str | None:
