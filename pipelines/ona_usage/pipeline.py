@@ -248,8 +248,8 @@ def _room_for_models(config: Settings, pipeline: dlt.Pipeline) -> Iterator[None]
     """Twice the loads' DuckDB memory for the models' queries and their loads.
 
     They run after the loads, when the fetched windows are gone. The queries are sliced to fit
-    (`slice_bound`), but a model's load copies its whole table in one job: at the loads' own
-    limit, 40MB, the monthly model of 3M runs by 10,000 users ran out where the usage had not.
+    (`slice_bound`), but a model's load copies its whole table in one job: with the loads'
+    limit set to 40MB, the monthly model of 3M runs by 10,000 users ran out where the usage had not.
     """
     doubled = _doubled(config.duckdb_memory_limit)
     if config.destination != "duckdb" or doubled is None:
